@@ -42,6 +42,7 @@ html_static_path = ["_static"]
 html_css_files = ["md_probe.css"]
 html_copy_source = False
 html_show_sourcelink = False
+html_context = {"default_mode": "light"}  # without it the theme logs a console error on a reader's first visit
 html_theme_options = {
     "repository_url": site["git_url"],
     "repository_branch": site["branch"],
@@ -68,6 +69,8 @@ def _plotly(app, pagename, templatename, context, doctree):
 def _docstring(app, what, name, obj, options, lines):
     "nbdev docstrings are markdown; each entry also links to the page that explains it with examples."
     from md_probe.docs import md_docstring_to_rst
+    if what == "data" and getattr(obj, "__doc__", None) == getattr(type(obj), "__doc__", None):
+        lines[:] = []  # a constant has no docstring of its own: not its type's (dict's, tuple's) docstring
     lines[:] = md_docstring_to_rst(lines)
     link = site["doc_links"].get(name)
     if link and what in ("function", "class", "method", "property", "data", "attribute"):

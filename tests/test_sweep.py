@@ -77,7 +77,7 @@ def test_capture_mode_and_seed_are_part_of_the_key(shapes, scenes, tmp_path):
 
 # ---------- the numbers ----------
 def test_a_cell_equals_clustering_and_scoring_by_hand(shapes, scenes):
-    df = sweep(shapes, scenes, LAYERS, [0, 200], progress=False)
+    df = sweep(shapes, scenes, LAYERS, [0, 200], size=32, progress=False)
     for layer, t in [("down_blocks.0", 0), ("up_blocks.1", 200)]:
         feats = [probe(shapes, s.image, "", timesteps=[0, 200], layers=[layer]).features(layer, t=t) for s in scenes]
         labs = [cluster_image(f, len(s.classes), out_hw=s.mask.shape) for f, s in zip(feats, scenes)]
@@ -86,12 +86,20 @@ def test_a_cell_equals_clustering_and_scoring_by_hand(shapes, scenes):
         assert row.miou == pytest.approx(want.miou, abs=1e-12) and row.pixel_accuracy == pytest.approx(want.pixel_accuracy)
         np.testing.assert_allclose(row[[f"iou_{c}" for c in SHAPE_CLASSES]].to_numpy(float), want.per_class, equal_nan=True)
     # dataset protocol: k-means over pooled, normalised 32x32 features, one matching
-    dd = sweep(shapes, scenes, ["mid_block"], [0], protocol="dataset", progress=False)
+    dd = sweep(shapes, scenes, ["mid_block"], [0], protocol="dataset", size=32, progress=False)
     f = [F.interpolate(probe(shapes, s.image, "", timesteps=[0], layers=["mid_block"]).features("mid_block")[None], 32,
                        mode="bilinear", align_corners=False)[0] for s in scenes]
     x = torch.cat([F.normalize(g.reshape(g.shape[0], -1).T, dim=1) for g in f])
     lab = kmeans(x, 5).reshape(len(scenes), 32, 32).numpy()
     assert dd.miou.iloc[0] == pytest.approx(score_dataset(list(lab), [s.mask for s in scenes], 5, num_preds=5).miou, abs=1e-12)
+
+def test_default_grid_is_the_models_feature_size(shapes, scenes):
+    g = shapes.defaults["feature_size"]
+    df = sweep(shapes, scenes[:2], ["up_blocks.1"], [0], progress=False)
+    assert df.attrs["size"] == g
+    feats = [probe(shapes, s.image, "", layers=["up_blocks.1"]).features("up_blocks.1") for s in scenes[:2]]
+    labs = [cluster_image(f, len(s.classes), out_hw=s.mask.shape, size=g) for f, s in zip(feats, scenes[:2])]
+    assert df.miou.iloc[0] == pytest.approx(score_per_image(labs, [s.mask for s in scenes[:2]], 5).miou, abs=1e-12)
 
 def test_per_image_gt_k_counts_classes_present(shapes, scenes):
     df = sweep(shapes, scenes, ["mid_block"], [0], progress=False)
@@ -141,7 +149,7 @@ def test_heatmap_places_each_value_at_its_cell():
     for r in rows:
         assert z[ys.index(r["layer"]), xs.index(r["timestep"])] == pytest.approx(r["miou"])
         assert g.loc[r["layer"], r["timestep"]] == pytest.approx(r["miou"])
-    assert "best miou 0.220 at down_blocks.0, t=0" in fig.layout.title.text
+    assert "best miou 0.220 at down_blocks.0, t=50" in fig.layout.title.text
     with pytest.raises(ValueError, match="pass model=one of them"):
         sweep_figure(pd.concat([df, df.assign(model="other")]))
 
@@ -155,9 +163,9 @@ def test_heatmap_of_a_real_sweep(shapes, scenes):
 # ---------- what the sweep finds ----------
 @pytest.fixture(scope="module")
 def trained_vs_random(shapes):
-    sc = make_scenes(24, seed=12345)
-    layers = ["down_blocks.0", "down_blocks.1", "down_blocks.2", "mid_block", "up_blocks.0", "up_blocks.1", "up_blocks.2"]
-    kw = dict(layers=layers, timesteps=[0, 200], protocol="dataset", progress=False)
+    sc = make_scenes(16, seed=12345)
+    kw = dict(layers=["down_blocks.0", "mid_block", "up_blocks.0", "up_blocks.2"], timesteps=[0], protocol="dataset",
+              progress=False)
     return sweep(shapes, sc, **kw), sweep(load_model("shapes-random"), sc, **kw)
 
 def test_trained_model_has_a_layer_that_beats_random_weights(trained_vs_random):
