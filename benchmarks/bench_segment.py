@@ -11,7 +11,7 @@ On one CPU thread a 512 x 512 UNet forward takes tens of seconds: a run takes ab
 
 Usage: python benchmarks/bench_segment.py [--dtypes fp32,bf16] [--threads 1]
 """
-import os, sys, time, argparse
+import os, time, argparse
 for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"): os.environ.setdefault(v, "1")
 import numpy as np, torch
 

@@ -123,7 +123,7 @@ def test_sigkill_then_resume(coco_root, tmp_path):
     while time.time() - t0 < 300 and not (rec.exists() and rec.read_text().count("\n") >= 3): time.sleep(0.02)
     proc.send_signal(signal.SIGKILL); proc.wait()
     n_done = len(ev.RecordLog(tmp_path / "run").read())
-    assert 3 <= n_done, "the run was killed before it wrote records"
+    assert 3 <= n_done < 30, f"{n_done} of 30 images done at the kill: the resume is not tested"
     subprocess.run(cmd + ["--out", str(tmp_path / "run")], env=ENV, cwd=tmp_path, check=True, stdout=subprocess.DEVNULL)
     subprocess.run(cmd + ["--out", str(tmp_path / "full")], env=ENV, cwd=tmp_path, check=True, stdout=subprocess.DEVNULL)
     a, b = (json.loads((tmp_path / d / "result.json").read_text()) for d in ("run", "full"))

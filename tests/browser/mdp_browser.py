@@ -138,25 +138,42 @@ def digest(page, name: str) -> str:
     return page.evaluate("r => window.__mdp.digest(r)", root(name))
 
 
-def change(page, name: str, action, timeout: float = 60, settle: float = 0.3) -> dict:
-    """Run `action()` (a user input on explorer `name`) and wait until the plotted data changes and settles.
-    Returns {"changed": bool, "ms": latency from the input event to the last redraw event, or None}."""
+def change(page, name: str, action, timeout: float = 60, settle: float = 0.4) -> dict:
+    """Run `action()` (a user input on explorer `name`); wait for the plotly redraws it causes to end (no new one for
+    `settle` s). Returns {"changed": whether the plotted data changed, "ms": input event -> last redraw, or None}.
+    Only an event counter is polled while the figures update (the data is hashed before and after), so the
+    measurement does not slow the page it measures."""
     page.evaluate("r => window.__mdp.bind(r)", root(name))
     before = digest(page, name)
+    page.evaluate("() => { window.__mdp.events = []; window.__mdp.t0 = null; }")
     action()
-    t0, changed = time.time(), False
-    while time.time() - t0 < timeout:
-        if digest(page, name) != before: changed = True; break
-        page.wait_for_timeout(20)
-    if changed:   # wait for the last redraw: no new plotly event for `settle` seconds
-        n = -1
-        while True:
-            k = page.evaluate("() => window.__mdp.events.length")
-            if k == n: break
-            n = k; page.wait_for_timeout(int(settle * 1000))
+    t_end, n = time.time() + timeout, 0
+    while time.time() < t_end:
+        k = page.evaluate("() => window.__mdp.events.length")
+        if k and k == n: break
+        n = k
+        page.wait_for_timeout(int(settle * 1000) if k else 30)
+    changed = digest(page, name) != before
     m = page.evaluate("() => ({t0: window.__mdp.t0, events: window.__mdp.events})")
-    ms = (max(m["events"]) - m["t0"]) if changed and m["t0"] is not None and m["events"] else None
+    ms = (max(m["events"]) - m["t0"]) if m["t0"] is not None and m["events"] else None
     return {"changed": changed, "ms": ms}
+
+
+def echo(page, timeout: float = 30) -> float:
+    "Milliseconds from a keydown on the demo's echo slider to its label showing the kernel's answer (transport only)."
+    label = page.locator(".mdp-echo .widget-html-content").first
+    before = label.inner_text()
+    page.evaluate("""() => { const el = document.querySelector('.mdp-echo .widget-html-content');
+        window.__mdpEcho = null;
+        new MutationObserver((ms, obs) => { window.__mdpEcho = performance.now(); obs.disconnect(); })
+            .observe(el, {childList: true, subtree: true, characterData: true}); }""")
+    slide(page, "echo", "echo-slider")
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if page.evaluate("() => window.__mdpEcho") is not None: break
+        page.wait_for_timeout(20)
+    assert label.inner_text() != before, "the echo label did not change"
+    return page.evaluate("() => window.__mdpEcho - window.__mdp.t0")
 
 
 # ------------------------------------------------------------------------------------------------ user inputs
@@ -174,7 +191,9 @@ def select_next(page, explorer: str, name: str, index: int | None = None):
 
 def slide(page, explorer: str, name: str, steps: int = 1):
     "Move a slider's handle with the keyboard (right, or left when it is at its maximum)."
-    h = control(page, explorer, name).locator(".noUi-handle").first
+    c = page.locator(f"{root(explorer)} .noUi-handle") if name == "echo-slider" else control(page, explorer, name)
+    h = c if name == "echo-slider" else c.locator(".noUi-handle")
+    h = h.first
     at_max = h.get_attribute("aria-valuenow") == h.get_attribute("aria-valuemax")
     h.focus()
     for _ in range(steps): page.keyboard.press("ArrowLeft" if at_max else "ArrowRight")
@@ -195,7 +214,7 @@ def type_text(page, explorer: str, name: str, text: str):
 
 def plot_point(page, explorer: str, figure: str, x: float, y: float, axis: str = "") -> tuple:
     "Page coordinates of data point (x, y) on subplot axes `x{axis}`/`y{axis}` of figure `mdp-fig-<figure>`."
-    gd = page.locator(f"{root(explorer)} .mdp-fig-{figure} .js-plotly-plot").first
+    gd = page.locator(f"{root(explorer)} .mdp-fig-{figure}.js-plotly-plot").first
     return tuple(gd.evaluate("""(gd, a) => {
         const L = gd._fullLayout, xa = L["xaxis" + a.axis], ya = L["yaxis" + a.axis], r = gd.getBoundingClientRect();
         return [r.left + xa._offset + xa.l2p(a.x), r.top + ya._offset + ya.l2p(a.y)];
@@ -210,7 +229,7 @@ def click_plot(page, explorer: str, figure: str, x: float, y: float, axis: str =
 
 def lasso(page, explorer: str, figure: str, fraction: float = 0.5):
     "Drag a lasso (or box) over the left `fraction` of a scatter's plot area."
-    gd = page.locator(f"{root(explorer)} .mdp-fig-{figure} .js-plotly-plot").first
+    gd = page.locator(f"{root(explorer)} .mdp-fig-{figure}.js-plotly-plot").first
     x0, y0, w, h = gd.evaluate("""gd => { const L = gd._fullLayout, r = gd.getBoundingClientRect();
         return [r.left + L.xaxis._offset, r.top + L.yaxis._offset, L.xaxis._length, L.yaxis._length]; }""")
     pts = [(x0 + 2, y0 + 2), (x0 + w * fraction, y0 + 2), (x0 + w * fraction, y0 + h - 2), (x0 + 2, y0 + h - 2), (x0 + 2, y0 + 4)]
@@ -245,7 +264,7 @@ def interactions(page) -> list:
         ("segmentation-explorer", "attention", lambda: toggle(P, "segmentation-explorer", "attention")),
         ("segmentation-explorer", "power", lambda: slide(P, "segmentation-explorer", "power", 2)),
         ("segmentation-explorer", "use_threshold", lambda: toggle(P, "segmentation-explorer", "use_threshold")),
-        ("segmentation-explorer", "threshold", lambda: slide(P, "segmentation-explorer", "threshold", 12)),
+        ("segmentation-explorer", "threshold", lambda: slide(P, "segmentation-explorer", "threshold", 4)),
         ("segmentation-explorer", "layers", lambda: select_next(P, "segmentation-explorer", "layers")),
         ("segmentation-explorer", "opacity", lambda: slide(P, "segmentation-explorer", "opacity", 2)),
         ("segmentation-explorer", "classes", lambda: type_text(P, "segmentation-explorer", "classes",
