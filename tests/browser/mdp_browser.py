@@ -99,10 +99,11 @@ _JS = r"""
   const m = window.__mdp = {t0: null, events: [], bound: new WeakSet()};
   for (const ev of ["keydown", "change", "input", "click", "mouseup"])
     document.addEventListener(ev, () => { m.t0 = performance.now(); m.events = []; }, true);
-  m.bind = (root) => {
+  m.bind = (root, record) => {   // record: a figure that appeared since (a control that makes new figures) counts
     for (const gd of document.querySelectorAll(root + " .js-plotly-plot")) {
       if (m.bound.has(gd) || !gd.on) continue;
       m.bound.add(gd);
+      if (record && gd._fullLayout) m.events.push(performance.now());
       for (const e of ["plotly_restyle", "plotly_update", "plotly_relayout", "plotly_afterplot", "plotly_redraw"])
         gd.on(e, () => m.events.push(performance.now()));
     }
@@ -149,7 +150,7 @@ def change(page, name: str, action, timeout: float = 60, settle: float = 0.4) ->
     action()
     t_end, n = time.time() + timeout, 0
     while time.time() < t_end:
-        k = page.evaluate("() => window.__mdp.events.length")
+        k = page.evaluate("r => { window.__mdp.bind(r, true); return window.__mdp.events.length; }", root(name))
         if k and k == n: break
         n = k
         page.wait_for_timeout(int(settle * 1000) if k else 30)
@@ -239,26 +240,31 @@ def lasso(page, explorer: str, figure: str, fraction: float = 0.5):
 
 
 def interactions(page) -> list:
-    """(explorer, control, action) for every control of every explorer of the demo page, each a user input that must
-    change what is plotted."""
-    P = page
+    """(explorer, control, action) for every control of every explorer of the demo page: each call of an action is a
+    user input that changes what is plotted, also when repeated (menus cycle, clicks and lassos alternate, text
+    alternates between two class lists, sliders turn back at their end)."""
+    P, n = page, {"click": 0, "lasso": 0, "classes": 0}
+    def alternate(key, a, b):
+        n[key] += 1
+        return a if n[key] % 2 else b
+    lists = ("circle, square, triangle, background", "circle, square, background")
     return [
         ("attention-explorer", "word", lambda: select_next(P, "attention-explorer", "word")),
         ("attention-explorer", "layers", lambda: select_next(P, "attention-explorer", "layers")),
-        ("attention-explorer", "head", lambda: select_next(P, "attention-explorer", "head", 2)),
+        ("attention-explorer", "head", lambda: select_next(P, "attention-explorer", "head")),
         ("attention-explorer", "timestep", lambda: slide(P, "attention-explorer", "timestep")),
         ("attention-explorer", "aggregate", lambda: select_next(P, "attention-explorer", "aggregate")),
         ("attention-explorer", "opacity", lambda: slide(P, "attention-explorer", "opacity", 2)),
         ("feature-explorer", "layer", lambda: select_next(P, "feature-explorer", "layer")),
         ("feature-explorer", "timestep", lambda: slide(P, "feature-explorer", "timestep")),
         ("feature-explorer", "k", lambda: slide(P, "feature-explorer", "k")),
-        ("feature-explorer", "click", lambda: click_plot(P, "feature-explorer", "features", 10, 12, "2")),
+        ("feature-explorer", "click", lambda: click_plot(P, "feature-explorer", "features", *alternate("click", (10, 12), (22, 25)), "2")),
         ("cluster-explorer", "layer", lambda: select_next(P, "cluster-explorer", "layer")),
         ("cluster-explorer", "timestep", lambda: slide(P, "cluster-explorer", "timestep")),
         ("cluster-explorer", "k", lambda: slide(P, "cluster-explorer", "k")),
         ("cluster-explorer", "method", lambda: toggle(P, "cluster-explorer", "method")),
         ("cluster-explorer", "eigengap", lambda: toggle(P, "cluster-explorer", "eigengap")),
-        ("cluster-explorer", "lasso", lambda: lasso(P, "cluster-explorer", "scatter")),
+        ("cluster-explorer", "lasso", lambda: lasso(P, "cluster-explorer", "scatter", alternate("lasso", 0.5, 0.3))),
         ("cluster-explorer", "projection", lambda: toggle(P, "cluster-explorer", "projection")),
         ("segmentation-explorer", "similarity", lambda: toggle(P, "segmentation-explorer", "similarity")),
         ("segmentation-explorer", "attention", lambda: toggle(P, "segmentation-explorer", "attention")),
@@ -267,6 +273,5 @@ def interactions(page) -> list:
         ("segmentation-explorer", "threshold", lambda: slide(P, "segmentation-explorer", "threshold", 4)),
         ("segmentation-explorer", "layers", lambda: select_next(P, "segmentation-explorer", "layers")),
         ("segmentation-explorer", "opacity", lambda: slide(P, "segmentation-explorer", "opacity", 2)),
-        ("segmentation-explorer", "classes", lambda: type_text(P, "segmentation-explorer", "classes",
-                                                               "circle, square, triangle, background")),
+        ("segmentation-explorer", "classes", lambda: type_text(P, "segmentation-explorer", "classes", alternate("classes", *lists))),
     ]
