@@ -124,8 +124,7 @@ def main():
         print(f"\npage load {br['page load (s)']:.1f} s; widget round trip (echo) median {br['echo']['median']:.0f} ms, "
               f"p90 {br['echo']['p90']:.0f} ms; console errors: {len(br['console errors'])}")
     print(f"\n{'explorer/control':<42}{'browser median':>15}{'p90':>8}{'first':>9}{'python median':>15}  note")
-    keys = list(out.get("browser", {}).keys() - {"page load (s)", "echo", "console errors"}) or list(py)
-    order = [k for k in out.get("browser", py) if k in keys]
+    order = list(out.get("browser_first") or py)
     for k in order:
         b, f, p = out.get("browser", {}).get(k, {}), out.get("browser_first", {}).get(k), py.get(k, {})
         ex, c = k.split("/")
