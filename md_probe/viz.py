@@ -129,6 +129,14 @@ def _image_axes(fig, title=None, width=None, h=None, w=None):
     return fig
 
 # %% ../nbs/08_viz.ipynb #0e2c520a
+def _label_layer(labels, classes:list)->tuple:
+    """What an overlay draws of a label map: (z float32, NaN where ignored; per-pixel class names; indices of the
+    classes present; one colour per class). Live figures update their traces from it without a new figure."""
+    lab, ignored, n = _labels(labels, len(classes))
+    z = np.where(ignored, np.nan, lab).astype(np.float32)
+    names = np.array([str(c) for c in classes] + ["ignored"], dtype=object)[np.where(ignored, n, lab)]
+    return z, names, np.unique(lab[~ignored]), class_colors(n)
+
 def overlay(image, # (H, W, 3) uint8 or float in [0, 1] (numpy, tensor or PIL)
             labels, # (H, W) integer label map; 255 or negative = ignored (left transparent)
             classes:list, # class names, one per label index
@@ -139,18 +147,15 @@ def overlay(image, # (H, W, 3) uint8 or float in [0, 1] (numpy, tensor or PIL)
     "The image with its label map on top: one colour per class, a legend entry per class present."
     import plotly.graph_objects as go
     img = _image_u8(image)
-    lab, ignored, n = _labels(labels, len(classes))
-    if lab.shape != img.shape[:2]:
-        raise ValueError(f"labels are {lab.shape} but the image is {img.shape[:2]}: both are (h, w); "
+    z, names, present, colors = _label_layer(labels, classes)
+    if z.shape != img.shape[:2]:
+        raise ValueError(f"labels are {z.shape} but the image is {img.shape[:2]}: both are (h, w); "
                          "resize the label map with nearest-neighbour first (or did you pass labels.T?).")
-    colors = class_colors(n)
-    z = np.where(ignored, np.nan, lab).astype(np.float32)
-    names = np.array([str(c) for c in classes] + ["ignored"], dtype=object)[np.where(ignored, n, lab)]
     fig = go.Figure([go.Image(z=img, hoverinfo="skip", name="image"),
-                     go.Heatmap(z=z, text=names, zmin=-0.5, zmax=n - 0.5, colorscale=_discrete_colorscale(colors),
+                     go.Heatmap(z=z, text=names, zmin=-0.5, zmax=len(colors) - 0.5, colorscale=_discrete_colorscale(colors),
                                 opacity=opacity, showscale=False, name="labels",
                                 hovertemplate="(%{y}, %{x}) %{text}<extra></extra>")])
-    for i in np.unique(lab[~ignored]): fig.add_trace(_legend_trace(classes[i], colors[i]))
+    for i in present: fig.add_trace(_legend_trace(classes[i], colors[i]))
     return _image_axes(fig, title, width, *img.shape[:2])
 
 # %% ../nbs/08_viz.ipynb #a3e92be0

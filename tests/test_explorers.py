@@ -137,11 +137,12 @@ def test_cluster_explorer_controls_and_selection(shapes, scene, unet_calls):
     assert len(unet_calls) == 1
     unet_calls.clear()
     pts = np.flatnonzero(ex.labels() == ex.labels()[0])[:40].tolist()
-    ex._on_select(ex.scatter_fig.data[0], Points(pts, [0.0] * len(pts), [0.0] * len(pts), "pixels", 0), None)
-    z = np.asarray(ex.image_fig.data[2].z, dtype=float)
-    assert np.isfinite(z).sum() == len(pts)                                   # 32x32 features on a 32x32 image
-    rows, cols = np.divmod(np.array(pts), 32)
-    assert np.isfinite(z[rows, cols]).all()
+    ex._on_select(ex.fig.data[0], Points(pts, [0.0] * len(pts), [0.0] * len(pts), "pixels", 0), None)
+    z = np.asarray(ex.fig.data[3].z, dtype=float)                          # the selection layer, on the feature grid
+    assert z.shape == ex.grid() and (z == 1).sum() == len(pts)
+    rows, cols = np.divmod(np.array(pts), ex.grid()[1])
+    assert (z[rows, cols] == 1).all()
+    assert np.array_equal(np.asarray(ex.fig.data[2].z).reshape(-1), ex.labels())  # the cluster map shows the labels
     ex.controls["method"].value = "spectral"
     ex.controls["eigengap"].value = True
     assert ex.controls["k"].disabled and "(eigengap)" in ex.k_label.value
@@ -157,9 +158,10 @@ def test_cluster_explorer_umap(shapes, scene, unet_calls):
     from md_probe.explorers import ClusterExplorer
     ex = ClusterExplorer(shapes, scene.image)
     unet_calls.clear()
-    x0 = np.asarray(ex.scatter_fig.data[0].x).copy()
+    x0 = np.asarray(ex.fig.data[0].x).copy()
     ex.controls["projection"].value = "UMAP"
-    assert ex.status.value == "" and not np.allclose(np.asarray(ex.scatter_fig.data[0].x), x0)
+    assert ex.status.value == "" and not np.allclose(np.asarray(ex.fig.data[0].x), x0)
+    assert ex.fig.layout.annotations[0].text.startswith("UMAP")
     assert unet_calls == []
 
 
@@ -181,7 +183,9 @@ def test_segmentation_explorer_unet_calls(shapes, scene, unet_calls):
         ex.controls["classes"].value = text
         assert len(unet_calls) == 1, (text, len(unet_calls))
         assert ex.seg.classes == [c.strip() for c in text.split(",")] and plotted(ex) != before
-        assert len([t for t in ex.attention_fig.data if t.type == "heatmap"]) == len(ex.seg.classes)
+        assert len([t for t in ex.fig.data if t.type == "heatmap"]) == 1 + 2 * len(ex.seg.classes)  # labels, scores, attention
+        assert [t.name for t in ex.fig.data if t.visible is not False and t.type == "scatter"] == \
+               [c for i, c in enumerate(ex.seg.classes) if (ex.seg.labels == i).any()]      # the legend: classes present
     unet_calls.clear()
     ex.controls["classes"].value = "Triangle, circle, square, cross,  background"  # the same classes: no UNet call
     assert unet_calls == [] and ex.status.value == "" and ex.seg.classes[0] == "Triangle"
@@ -231,7 +235,7 @@ def test_widget_state_is_static_and_complete(shapes, scene):
     text = json.dumps(st)                                        # JSON as saved, no binary left behind
     refs = set(re.findall(r"IPY_MODEL_([0-9a-f]{32})", text))
     assert refs and refs <= set(st), refs - set(st)
-    figs = [e.fig for e in exs[:1]] + [exs[1].scatter_fig, exs[1].image_fig]
+    figs = [e.fig for e in exs]
     for fw in figs:
         s = st[fw.model_id]
         assert s["model_module"] == "anywidget" and "buffers" not in s
@@ -240,9 +244,9 @@ def test_widget_state_is_static_and_complete(shapes, scene):
         assert not any(k.startswith(("_js2py", "_py2js")) for k in s["state"])
     # the plotted data survives: the scatter's x as saved (plotly's base64 typed array) equals the live one
     import base64
-    x = st[exs[1].scatter_fig.model_id]["state"]["_widget_data"][0]["x"]
+    x = st[exs[1].fig.model_id]["state"]["_widget_data"][0]["x"]
     arr = np.frombuffer(base64.b64decode(x["bdata"]), dtype=x["dtype"]) if isinstance(x, dict) else np.asarray(x)
-    np.testing.assert_allclose(arr, np.asarray(exs[1].scatter_fig.data[0].x), rtol=1e-6)
+    np.testing.assert_allclose(arr, np.asarray(exs[1].fig.data[0].x), rtol=1e-6)
     assert len(text) < 600_000
     assert len(exs[0].fig._bundle.source) > 1_000_000       # the live figure keeps plotly's own front end ...
     assert exs[0].fig._bundle.model_id not in st              # ... but the snapshot does not carry it

@@ -24,8 +24,8 @@ def missing() -> str | None:
     if not Path(CHROMIUM).exists(): return f"{CHROMIUM} is missing: run .ci/install-browser (apt chromium)"
     try: import playwright.sync_api  # noqa: F401
     except ImportError: return "playwright is missing: run .ci/install-browser (pip playwright; never `playwright install`)"
-    try: import voila  # noqa: F401
-    except ImportError: return "voila is missing: pip install -e '.[dev]' (voila is a dev requirement)"
+    try: import voila, jupyterlab, notebook  # noqa: F401
+    except ImportError as e: return f"{e.name} is missing: pip install -e '.[dev]' (voila, jupyterlab and notebook are dev requirements)"
     return None
 
 
@@ -35,32 +35,95 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _env(**extra) -> dict:
+    "The environment of a server the tests start: offline hub, one thread per kernel, the checkout importable."
+    return dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra)
+
+
 @contextlib.contextmanager
-def voila(notebook: Path = DEMO, log: Path | None = None, timeout: float = 120):
-    "Serve `notebook` with Voila on 127.0.0.1 (a free port); yields its URL; stops the server (and its kernel) on exit."
-    port = _free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def _server(cmd: list, cwd: Path, env: dict, port: int, log: Path | None, timeout: float):
+    "Run server `cmd` until it listens on 127.0.0.1:`port`; stop it and the kernels it started on exit."
     out = open(log, "w") if log else subprocess.DEVNULL
-    cmd = [sys.executable, "-m", "voila", str(notebook), "--no-browser", f"--port={port}", "--Voila.ip=127.0.0.1",
-           "--Voila.port_retries=0", "--show_tracebacks=True", "--Voila.open_browser=False"]
-    proc = subprocess.Popen(cmd, cwd=notebook.parent, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         t0 = time.time()
         while True:
-            if proc.poll() is not None: raise RuntimeError(f"voila exited with {proc.returncode} (log: {log})")
+            if proc.poll() is not None: raise RuntimeError(f"{cmd[2]} exited with {proc.returncode} (log: {log})")
             with contextlib.suppress(OSError):
                 with socket.create_connection(("127.0.0.1", port), timeout=1): break
-            if time.time() - t0 > timeout: raise TimeoutError(f"voila did not listen on 127.0.0.1:{port} in {timeout} s")
+            if time.time() - t0 > timeout: raise TimeoutError(f"{cmd[2]} did not listen on 127.0.0.1:{port} in {timeout} s")
             time.sleep(0.3)
-        yield f"http://127.0.0.1:{port}/"
+        yield
     finally:
-        with contextlib.suppress(ProcessLookupError): os.killpg(proc.pid, 15)   # the server and the kernel it started
+        with contextlib.suppress(ProcessLookupError): os.killpg(proc.pid, 15)   # the server and the kernels it started
         try: proc.wait(20)
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError): os.killpg(proc.pid, 9)
             proc.wait(10)
         if log: out.close()
+
+
+@contextlib.contextmanager
+def voila(notebook: Path = DEMO, log: Path | None = None, timeout: float = 120):
+    "Serve `notebook` with Voila on 127.0.0.1 (a free port); yields its URL; stops the server (and its kernel) on exit."
+    port = _free_port()
+    cmd = [sys.executable, "-m", "voila", str(notebook), "--no-browser", f"--port={port}", "--Voila.ip=127.0.0.1",
+           "--Voila.port_retries=0", "--show_tracebacks=True", "--Voila.open_browser=False",
+           # Notebook 7's JupyterLab extension (a dev requirement, for tests/test_browser_frontends.py) is built
+           # against JupyterLab 4.6's shared modules, which Voila 0.5's page lacks: it fails there with a console
+           # error, with or without md_probe. Voila pages do not need it.
+           '--VoilaConfiguration.extension_denylist=["@jupyter-notebook/lab-extension"]']
+    with _server(cmd, notebook.parent, _env(), port, log, timeout):
+        yield f"http://127.0.0.1:{port}/"
+
+
+FRONTENDS = {"jupyterlab": ("jupyterlab", "lab/tree/{nb}"), "notebook7": ("notebook", "notebooks/{nb}")}
+
+
+@contextlib.contextmanager
+def jupyter(frontend: str, notebook: Path = DEMO, log: Path | None = None, timeout: float = 120):
+    """Serve a copy of `notebook` with JupyterLab or Notebook 7 (`frontend`: "jupyterlab" or "notebook7") on
+    127.0.0.1 (a free port, a token, settings and workspaces in a temporary folder, no update or news checks);
+    yields the notebook's URL; stops the server and its kernels on exit."""
+    module, path = FRONTENDS[frontend]
+    port, token, tmp = _free_port(), "mdp" + os.urandom(8).hex(), Path(tempfile.mkdtemp(prefix="mdp-jupyter-"))
+    (tmp / "root").mkdir()
+    shutil.copy(notebook, tmp / "root" / notebook.name)
+    env = _env(JUPYTER_CONFIG_DIR=str(tmp / "config"), JUPYTERLAB_SETTINGS_DIR=str(tmp / "settings"),
+               JUPYTERLAB_WORKSPACES_DIR=str(tmp / "workspaces"), JUPYTER_RUNTIME_DIR=str(tmp / "runtime"))
+    cmd = [sys.executable, "-m", module, "--no-browser", f"--port={port}", "--ServerApp.ip=127.0.0.1",
+           "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={tmp / 'root'}",
+           "--LabServerApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+           "--LabApp.extension_manager=readonly", "--ServerApp.allow_root=True"]
+    try:
+        with _server(cmd, tmp / "root", env, port, log, timeout):
+            yield f"http://127.0.0.1:{port}/{path.format(nb=notebook.name)}?token={token}"
+    finally: shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_all_cells(page, url: str, timeout: float = 300):
+    """Open the notebook in JupyterLab or Notebook 7, run every cell from the Run menu (what a user clicks), wait until
+    every explorer shows its plotly figures, then install the page probes (see `wait_loaded`). The console errors
+    logged before the run (the front end's own) are kept in `page.errors_before_run`."""
+    page.goto(url, timeout=timeout * 1000)
+    page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=timeout * 1000)
+    page.wait_for_timeout(2000)
+    page.errors_before_run = list(page.errors)   # the front end's own, before any md_probe code runs
+    prompt = page.locator(".jp-CodeCell .jp-InputPrompt").first
+    for attempt in range(10):   # a run asked before the kernel's session is connected is dropped: ask again
+        page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+        page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+        with contextlib.suppress(Exception):
+            page.wait_for_function("el => /[*0-9]/.test(el.textContent)", arg=prompt.element_handle(), timeout=10_000)
+            break
+    else: raise TimeoutError("the notebook's cells never started running (is the kernel starting?)")
+    for name in EXPLORERS:
+        page.wait_for_selector(f"{root(name)} .js-plotly-plot .main-svg", timeout=timeout * 1000)
+    page.wait_for_selector(".mdp-echo", timeout=timeout * 1000)
+    page.wait_for_timeout(1000)
+    page.evaluate(_JS)
+    for name in EXPLORERS: page.evaluate("r => window.__mdp.bind(r)", root(name))
 
 
 @contextlib.contextmanager
@@ -207,6 +270,16 @@ def toggle(page, explorer: str, name: str):
     c.locator("button:not(.mod-active)").first.click()
 
 
+def drag_slider(page, explorer: str, name: str, dx: float = 40):
+    "Drag a slider's handle `dx` pixels with the mouse (Notebook 7 keeps arrow keys for itself)."
+    h = control(page, explorer, name).locator(".noUi-handle").first
+    h.scroll_into_view_if_needed()
+    box = h.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x, y); page.mouse.down()
+    page.mouse.move(x + dx, y, steps=5); page.mouse.up()
+
+
 def type_text(page, explorer: str, name: str, text: str):
     box = control(page, explorer, name).locator("input")
     box.fill(text)
@@ -216,6 +289,7 @@ def type_text(page, explorer: str, name: str, text: str):
 def plot_point(page, explorer: str, figure: str, x: float, y: float, axis: str = "") -> tuple:
     "Page coordinates of data point (x, y) on subplot axes `x{axis}`/`y{axis}` of figure `mdp-fig-<figure>`."
     gd = page.locator(f"{root(explorer)} .mdp-fig-{figure}.js-plotly-plot").first
+    gd.scroll_into_view_if_needed()                                    # the mouse acts on what is on screen
     return tuple(gd.evaluate("""(gd, a) => {
         const L = gd._fullLayout, xa = L["xaxis" + a.axis], ya = L["yaxis" + a.axis], r = gd.getBoundingClientRect();
         return [r.left + xa._offset + xa.l2p(a.x), r.top + ya._offset + ya.l2p(a.y)];
@@ -229,21 +303,26 @@ def click_plot(page, explorer: str, figure: str, x: float, y: float, axis: str =
 
 
 def lasso(page, explorer: str, figure: str, fraction: float = 0.5):
-    "Drag a lasso (or box) over the left `fraction` of a scatter's plot area."
+    """Drag a lasso over the left `fraction` of a scatter's plot area (a negative `fraction`: the right part),
+    starting away from the edges, where a previous selection's outline would take the drag."""
     gd = page.locator(f"{root(explorer)} .mdp-fig-{figure}.js-plotly-plot").first
+    gd.scroll_into_view_if_needed()                                    # the mouse acts on what is on screen
     x0, y0, w, h = gd.evaluate("""gd => { const L = gd._fullLayout, r = gd.getBoundingClientRect();
         return [r.left + L.xaxis._offset, r.top + L.yaxis._offset, L.xaxis._length, L.yaxis._length]; }""")
-    pts = [(x0 + 2, y0 + 2), (x0 + w * fraction, y0 + 2), (x0 + w * fraction, y0 + h - 2), (x0 + 2, y0 + h - 2), (x0 + 2, y0 + 4)]
+    a, b = (x0 + 6, x0 + w * fraction) if fraction > 0 else (x0 + w - 6, x0 + w * (1 + fraction))
+    pts = [(a, y0 + 6), (b, y0 + 6), (b, y0 + h - 6), (a, y0 + h - 6), (a, y0 + 8)]
     page.mouse.move(*pts[0]); page.mouse.down()
     for p in pts[1:]: page.mouse.move(*p, steps=6)
     page.mouse.up()
 
 
-def interactions(page) -> list:
+def interactions(page, one_step: bool = False) -> list:
     """(explorer, control, action) for every control of every explorer of the demo page: each call of an action is a
     user input that changes what is plotted, also when repeated (menus cycle, clicks and lassos alternate, text
-    alternates between two class lists, sliders turn back at their end)."""
+    alternates between two class lists, sliders turn back at their end). A few sliders move several steps, so that
+    the plot surely changes; `one_step=True` moves every slider by one step: one control change (for timings)."""
     P, n = page, {"click": 0, "lasso": 0, "classes": 0}
+    steps = (lambda k: 1) if one_step else (lambda k: k)
     def alternate(key, a, b):
         n[key] += 1
         return a if n[key] % 2 else b
@@ -254,7 +333,7 @@ def interactions(page) -> list:
         ("attention-explorer", "head", lambda: select_next(P, "attention-explorer", "head")),
         ("attention-explorer", "timestep", lambda: slide(P, "attention-explorer", "timestep")),
         ("attention-explorer", "aggregate", lambda: select_next(P, "attention-explorer", "aggregate")),
-        ("attention-explorer", "opacity", lambda: slide(P, "attention-explorer", "opacity", 2)),
+        ("attention-explorer", "opacity", lambda: slide(P, "attention-explorer", "opacity", steps(2))),
         ("feature-explorer", "layer", lambda: select_next(P, "feature-explorer", "layer")),
         ("feature-explorer", "timestep", lambda: slide(P, "feature-explorer", "timestep")),
         ("feature-explorer", "k", lambda: slide(P, "feature-explorer", "k")),
@@ -264,14 +343,14 @@ def interactions(page) -> list:
         ("cluster-explorer", "k", lambda: slide(P, "cluster-explorer", "k")),
         ("cluster-explorer", "method", lambda: toggle(P, "cluster-explorer", "method")),
         ("cluster-explorer", "eigengap", lambda: toggle(P, "cluster-explorer", "eigengap")),
-        ("cluster-explorer", "lasso", lambda: lasso(P, "cluster-explorer", "scatter", alternate("lasso", 0.5, 0.3))),
+        ("cluster-explorer", "lasso", lambda: lasso(P, "cluster-explorer", "clusters", alternate("lasso", 0.5, -0.3))),
         ("cluster-explorer", "projection", lambda: toggle(P, "cluster-explorer", "projection")),
         ("segmentation-explorer", "similarity", lambda: toggle(P, "segmentation-explorer", "similarity")),
         ("segmentation-explorer", "attention", lambda: toggle(P, "segmentation-explorer", "attention")),
-        ("segmentation-explorer", "power", lambda: slide(P, "segmentation-explorer", "power", 2)),
+        ("segmentation-explorer", "power", lambda: slide(P, "segmentation-explorer", "power", steps(2))),
         ("segmentation-explorer", "use_threshold", lambda: toggle(P, "segmentation-explorer", "use_threshold")),
-        ("segmentation-explorer", "threshold", lambda: slide(P, "segmentation-explorer", "threshold", 4)),
+        ("segmentation-explorer", "threshold", lambda: slide(P, "segmentation-explorer", "threshold", steps(4))),
         ("segmentation-explorer", "layers", lambda: select_next(P, "segmentation-explorer", "layers")),
-        ("segmentation-explorer", "opacity", lambda: slide(P, "segmentation-explorer", "opacity", 2)),
+        ("segmentation-explorer", "opacity", lambda: slide(P, "segmentation-explorer", "opacity", steps(2))),
         ("segmentation-explorer", "classes", lambda: type_text(P, "segmentation-explorer", "classes", alternate("classes", *lists))),
     ]
