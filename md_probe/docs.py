@@ -442,8 +442,12 @@ def _process_one(job:tuple)->list:
     errors = []
     try:
         from execnb.nbio import read_nb, write_nb
-        os.environ['IN_TEST'] = '1'
-        nb = read_nb(src); _tolerant(errors)()(nb)
+        was = os.environ.get('IN_TEST')
+        os.environ['IN_TEST'] = '1'   # as nbdev's own processing runs them; put back after (nbdev_export skips under it)
+        try: nb = read_nb(src); _tolerant(errors)()(nb)
+        finally:
+            if was is None: del os.environ['IN_TEST']
+            else: os.environ['IN_TEST'] = was
         for c in nb.cells:
             if 'outputs' in c: c['outputs'] = [_unsplit(o) for o in c['outputs']]
         write_nb(nb, dst)

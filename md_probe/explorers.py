@@ -558,12 +558,6 @@ class ClusterExplorer(Explorer):
                 if proj == "PCA": self._when_idle(lambda near=near: self.points("PCA", near))
                 self._when_idle(lambda near=near: self.clusters(method, k, near))
 
-    def label_map(self)->np.ndarray:
-        "The cluster labels at the image's size (nearest), (H, W)."
-        h, w = self.grid()
-        lab = torch.as_tensor(self.labels().reshape(h, w))[None, None].float()
-        return F.interpolate(lab, size=self.img.shape[:2], mode="nearest")[0, 0].long().numpy()
-
     def highlight(self)->np.ndarray:
         "(h, w) on the feature grid: 1 on the selected pixels, 0 elsewhere."
         h, w = self.grid()
@@ -601,13 +595,13 @@ class ClusterExplorer(Explorer):
         c["k"].disabled = self._auto_k()
         p, lab = self.points(), self.labels()
         (h, w), (H, W) = self.grid(), self.img.shape[:2]
-        k, present = int(lab.max()) + 1, np.unique(lab)
+        k, present, grid = int(lab.max()) + 1, np.unique(lab), _on_grid(H, W, h, w)
         colors = viz.class_colors(k)
         scale = viz._discrete_colorscale(colors)
         fig.data[0].update(x=p[:, 0], y=p[:, 1], customdata=np.arange(len(p)))
         fig.data[0].marker.update(color=lab, cmin=-0.5, cmax=k - 0.5, colorscale=scale)
-        fig.data[2].update(z=lab.reshape(h, w).astype(np.float32), zmin=-0.5, zmax=k - 0.5, colorscale=scale, **_on_grid(H, W, h, w))
-        fig.data[3].update(z=self.highlight(), **_on_grid(H, W, h, w))
+        fig.data[2].update(z=lab.reshape(h, w).astype(np.float32), zmin=-0.5, zmax=k - 0.5, colorscale=scale, **grid)
+        fig.data[3].update(z=self.highlight(), **grid)
         fig.layout.annotations[0].text = f"{c['projection'].value} of the pixel features"
         _set_legend(fig.data[4:], [f"cluster {i}" for i in present], [colors[i] for i in present])
         self.k_label.value = f"k = {k}" + (" (eigengap)" if self._auto_k() else "")

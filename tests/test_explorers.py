@@ -269,3 +269,44 @@ def test_execute_notebook_saves_widget_state(tmp_path):
     st = out["metadata"]["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
     assert info["views"] == 1 and view in st and info["widgets"] == len(st)
     assert "AttentionExplorer(" in "".join(out["cells"][0]["outputs"][0]["data"]["text/plain"])
+
+
+def test_idle_time_warms_the_neighbouring_settings(shapes, scene, unet_calls):
+    "Inside a running event loop (a kernel), the clusterings one step away are computed after an update, one per turn."
+    import asyncio
+    from md_probe.explorers import ClusterExplorer
+    ex = ClusterExplorer(shapes, scene.image, k=4)                  # no loop here: nothing is warmed
+    key = ex._key()
+    assert ("k-means", 5) + key not in ex._memo and len(ex._idle) == 0
+    async def move_and_idle():
+        ex.controls["k"].value = 5                                   # an update inside the loop queues warm-ups
+        assert ("k-means", 6) + key not in ex._memo                  # ... which wait for idle time
+        for _ in range(200):
+            if not ex._idle: break
+            await asyncio.sleep(0.01)
+    asyncio.run(move_and_idle())
+    assert not ex._idle
+    for k in (4, 6): assert ("k-means", k) + key in ex._memo         # the k slider's neighbours
+    layers = list(ex.controls["layer"].options)
+    i = layers.index(key[0])
+    for other in [layers[j] for j in (i - 1, i + 1) if 0 <= j < len(layers)]:
+        assert ("k-means", 5, other, key[1]) in ex._memo and ("PCA", other, key[1]) in ex._memo
+    np.testing.assert_array_equal(ex.clusters("k-means", 6), ClusterExplorer(ex.cache, k=6).labels())  # same result
+    assert unet_calls[1:] == []                                      # the explorer's own probe only
+
+
+def test_selection_is_one_message_and_reports_are_not_echoed(shapes, scene):
+    "A lasso's per-trace `selectedpoints` and the highlight reach the browser as one update; the front end's reports stay unechoed."
+    from md_probe.explorers import ClusterExplorer
+    ex = ClusterExplorer(shapes, scene.image)
+    sent = []
+    ex.fig.observe(lambda ch: ch["new"] and sent.append(ch["name"]), names=["_py2js_update", "_py2js_restyle", "_py2js_relayout"])
+    pts = np.flatnonzero(ex.labels() == ex.labels()[0])[:30].tolist()
+    ex.fig._js2py_pointsCallback = {"event_type": "plotly_selected", "selector": None, "device_state": None,
+                                    "points": {"trace_indexes": [0] * len(pts), "point_indexes": pts,
+                                               "xs": [0.0] * len(pts), "ys": [0.0] * len(pts)}}
+    assert (np.asarray(ex.fig.data[3].z) == 1).sum() == len(pts)     # the selection arrived
+    assert list(ex.fig.data[0].selectedpoints) == pts
+    assert sent == ["_py2js_update"], sent                           # one message, not one per trace
+    quiet = [n for n in ex.fig.trait_names() if n.startswith("_js2py_")]
+    assert quiet and all(ex.fig.trait_metadata(n, "echo_update") is False for n in quiet)

@@ -16,5 +16,6 @@ def test_notebook(nb, monkeypatch):
     run = set(os.environ.get("MD_PROBE_NB_FLAGS", "").split()) | ({"gpu"} if torch.cuda.is_available() else set())
     skip = [f for f in ("slow", "gpu", "browser") if f not in run]
     monkeypatch.chdir(nb.parent)
+    monkeypatch.setenv("IN_TEST", "1")   # test_nb sets it for good; restored after, or a later nbdev_export is skipped
     ok, secs = test_nb(nb, skip_flags=skip, do_print=False, showerr=True)
     assert ok, f"{nb.name} failed (see the traceback above)"
