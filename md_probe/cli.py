@@ -17,15 +17,15 @@ class UsageError(Exception):
     "A mistake in the command line's input: reported in one line, exit code 2."
 
 def _read_images(paths)->list:
-    "Every image as an RGB array, or a UsageError naming the first bad file (nothing is processed before all load)."
-    from PIL import Image, UnidentifiedImageError
+    "Every image as the RGB array a viewer shows (`load_image`), or a UsageError naming the first bad file (nothing is processed before all load)."
+    from md_probe.models import load_image
     out = []
     for p in paths:
         p = Path(p)
         if not p.is_file(): raise UsageError(f"image not found: {p}")
         try:
-            with Image.open(p) as im: out.append(np.asarray(im.convert("RGB")))
-        except (UnidentifiedImageError, OSError) as e: raise UsageError(f"cannot read image {p}: {e}") from None
+            out.append(load_image(p))
+        except (OSError, ValueError) as e: raise UsageError(f"cannot read image {p}: {e}") from None
     return out
 
 def _out_dir(path)->Path:

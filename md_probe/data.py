@@ -158,8 +158,9 @@ def potsdam_to_3(gt)->np.ndarray:
 
 # %% ../nbs/06_data.ipynb #61da0570
 def read_image(path)->np.ndarray:
-    "An image file as a `uint8` RGB array `(H, W, 3)`."
-    with Image.open(path) as im: return np.array(im.convert("RGB"))
+    "An image file as a `uint8` RGB array `(H, W, 3)`, decoded by `load_image` with its pixels as stored (no EXIF turn)."
+    from md_probe.models import load_image  # label maps are stored in the file's pixel order, so the EXIF orientation is not applied
+    return load_image(path, exif=False)
 
 def read_label(path)->np.ndarray:
     "A label PNG as stored: `(H, W)` integer array (palette indices for 'P' images)."

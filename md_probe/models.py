@@ -11,10 +11,10 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['TINY_WORDS', 'SD_DEFAULTS', 'BUILTIN_MODELS', 'resolve_dtype', 'normalize_word', 'PromptEncoding', 'tokenize_prompt',
-           'clip_bpe_tokenizer', 'PreparedImage', 'image_to_tensor', 'DiffusionModel', 'prepare_image', 'encode_image',
-           'encode_prompt', 'check_timesteps', 'add_noise', 'tiny_model', 'sd15_random_model', 'load_model', 'to',
-           'save_pretrained']
+__all__ = ['WHITE', 'TINY_WORDS', 'SD_DEFAULTS', 'BUILTIN_MODELS', 'resolve_dtype', 'normalize_word', 'PromptEncoding',
+           'tokenize_prompt', 'clip_bpe_tokenizer', 'load_image', 'PreparedImage', 'image_to_tensor', 'DiffusionModel',
+           'prepare_image', 'encode_image', 'encode_prompt', 'check_timesteps', 'add_noise', 'tiny_model',
+           'sd15_random_model', 'load_model', 'to', 'save_pretrained']
 
 # %% ../nbs/00_models.ipynb #05a9bcc8
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -120,6 +120,95 @@ def clip_bpe_tokenizer(words, # words that become single tokens (lower-case lett
     tok.model_max_length = 77
     return tok
 
+# %% ../nbs/00_models.ipynb #ec8138bd
+WHITE = (255, 255, 255)  # what transparent pixels are composited over, unless `background=` says otherwise
+
+def _is_pil(x)->bool: return type(x).__module__.startswith("PIL.")  # without importing PIL at module import
+
+def _float_unit(x:torch.Tensor)->torch.Tensor:
+    "Float pixels as a new float32 tensor if every value is in [0, 1]; a ValueError naming the fix otherwise (never clamped)."
+    x = x.to(torch.float32, copy=True)
+    if not torch.isfinite(x).all():
+        raise ValueError("The image holds NaN or infinite values: replace them first, "
+                         "e.g. np.nan_to_num(x, nan=0.0, posinf=1.0, neginf=0.0).")
+    lo, hi = x.min().item(), x.max().item()
+    if lo < 0 or hi > 1:
+        fix = ("if they are 0..255 values, divide by 255 (or pass uint8); if they only overshoot, clip with x.clip(0, 1)"
+               if lo >= 0 else
+               "if they are in [-1, 1], map them with (x + 1) / 2; if they only overshoot, clip with x.clip(0, 1)"
+               if hi <= 1 else "rescale them to [0, 1]: divide 0..255 values by 255, map [-1, 1] with (x + 1) / 2")
+        raise ValueError(f"Float pixels must be in [0, 1], but these span [{lo:g}, {hi:g}]: {fix}.")
+    return x
+
+def _unit_pixels(x:torch.Tensor)->torch.Tensor:
+    "Pixels as float32 in [0, 1], scaled from their dtype's range: uint8 / 255, uint16 / 65535, bool 0/1, floats as they are."
+    if x.dtype == torch.uint8: return x.float() / 255
+    if x.dtype == torch.uint16: return x.float() / 65535
+    if x.dtype == torch.bool: return x.float()
+    if x.is_floating_point(): return _float_unit(x)
+    raise TypeError(f"Pixels must be uint8 (0..255), uint16 (0..65535), bool or float in [0, 1], got {x.dtype}, whose "
+                    "white level is unknown: scale it yourself, e.g. (x / white * 255).round().astype(np.uint8).")
+
+def _check_background(background)->np.ndarray:
+    bg = np.asarray(background, dtype=np.float64)
+    if bg.shape != (3,) or not np.isfinite(bg).all() or bg.min() < 0 or bg.max() > 255:
+        raise ValueError(f"background={background!r}: pass an RGB triple of values in 0..255, e.g. (255, 255, 255).")
+    return bg
+
+def _composite(rgb:np.ndarray, alpha:np.ndarray|None, bg:np.ndarray)->np.ndarray:
+    "`rgb` over the colour `bg` with `alpha` in 0..255 (None: opaque): rgb a + bg (1 - a), rounded, as a new uint8 array."
+    if alpha is None: return np.array(rgb, dtype=np.uint8)
+    a = alpha[..., None].astype(np.float64) / 255
+    return np.round(rgb * a + bg * (1 - a)).astype(np.uint8)
+
+def _grey_rgb(v:np.ndarray)->np.ndarray:
+    "Grey values in [0, 1] as an (H, W, 3) uint8 array."
+    return np.repeat(np.round(v * 255).astype(np.uint8)[..., None], 3, axis=-1)
+
+_U16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_RGB_MODES = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")  # PIL's conversion to RGB is the standard one
+
+def _pil_rgb(im, bg:np.ndarray, exif:bool)->np.ndarray:
+    "A PIL image (its first frame) as the (H, W, 3) uint8 array a viewer shows: see the table above."
+    from PIL import ImageOps
+    fmt, mode = im.format, im.mode  # read before exif_transpose, whose copy has no format
+    if exif: im = ImageOps.exif_transpose(im)
+    if mode in _U16_MODES or (mode == "I" and fmt == "PNG"):  # a PNG sample has at most 16 bits
+        a = np.asarray(im).astype(np.float64)
+        trns = im.info.get("transparency")  # a PNG's transparent grey level
+        return _composite(_grey_rgb(a / 65535), None if trns is None else np.where(a == trns, 0, 255), bg)
+    if mode == "F": return _grey_rgb(_float_unit(torch.from_numpy(np.array(im, dtype=np.float32))).double().numpy())
+    if mode == "I":
+        raise ValueError("The image has 32-bit integer pixels (mode 'I'), whose white level is unknown: save it with 8 or "
+                         "16 bits, or scale it yourself, e.g. Image.fromarray((np.asarray(im) / white * 255).round().astype(np.uint8)).")
+    if mode in _ALPHA_MODES or (mode in ("L", "P", "RGB") and "transparency" in im.info):
+        rgba = np.asarray((im.convert("LA") if mode == "La" else im).convert("RGBA"))
+        return _composite(rgba[..., :3], rgba[..., 3], bg)
+    if mode in _RGB_MODES: return np.array(im.convert("RGB"))
+    raise ValueError(f"The image is in mode {mode!r}, which md_probe does not decode: convert it to RGB first "
+                     "(image.convert('RGB')) if that keeps its meaning.")
+
+def load_image(source, # a path, a binary file object, a PIL image (or an array/tensor: `image_to_tensor`'s rules)
+               background=WHITE, # the RGB colour (0..255) under transparent pixels
+               exif:bool=True, # turn the image as its EXIF orientation says (False: the pixels as stored)
+              )->np.ndarray: # (H, W, 3) uint8, a new writable array
+    "An image as the uint8 RGB array a viewer shows, or an error that says how to convert it."
+    from PIL import Image
+    bg = _check_background(background)
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        return (image_to_tensor(source).permute(1, 2, 0) * 255).round().byte().cpu().numpy()
+    if _is_pil(source): return _pil_rgb(source, bg, exif)
+    if isinstance(source, (str, os.PathLike)):
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"image not found: {source}" + (" (it is a folder)" if Path(source).is_dir() else ""))
+    elif not hasattr(source, "read"):
+        raise TypeError(f"Expected a path, a file object, a PIL image, an array or a tensor, got {type(source).__name__}.")
+    try:
+        with Image.open(source) as im: return _pil_rgb(im, bg, exif)
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{e} If you trust the file, raise PIL.Image.MAX_IMAGE_PIXELS.") from None
+
 # %% ../nbs/00_models.ipynb #6f04076f
 @dataclass
 class PreparedImage:
@@ -128,31 +217,34 @@ class PreparedImage:
     original_hw: tuple     # the input image's (h, w)
     content_hw: tuple      # the part of `pixels` that holds the image (the rest is padding)
 
+_CHANNEL_FIX = {1: "drop the channel axis (x[..., 0]): an (H, W) array is read as greyscale",
+                2: "if it is grey and alpha, pass Image.fromarray(x) (mode LA) to composite it over white as files are",
+                4: "if it is RGBA, pass Image.fromarray(x) (mode RGBA) to composite it over white as files are, "
+                   "or x[..., :3] if it is opaque"}
+
 def image_to_tensor(image)->torch.Tensor:
-    "A PIL image, uint8/float array or tensor as a float (3, H, W) tensor in [0, 1]; clear errors otherwise."
-    if type(image).__module__.startswith("PIL."):  # a PIL image, without importing PIL at module import
-        if image.mode != "RGB":
-            fix = ("composite it over a background (e.g. Image.alpha_composite) and .convert('RGB')"
-                   if "A" in image.mode else "convert it with image.convert('RGB')")
-            raise ValueError(f"The image is in mode {image.mode!r}, not RGB: {fix}.")
-        image = np.asarray(image)
-    if isinstance(image, np.ndarray): image = torch.from_numpy(np.ascontiguousarray(image))
+    "A PIL image (decoded by `load_image`), an array or a tensor as a float (3, H, W) tensor in [0, 1]; clear errors otherwise."
+    if _is_pil(image): image = load_image(image)  # one decoder for the CLI and the API
+    hwc = isinstance(image, np.ndarray)  # an array 3 pixels high, (3, W, 3), is (H, W, 3); a tensor (3, H, 3) is (3, H, W)
+    if hwc:
+        image = np.ascontiguousarray(image)
+        if not (image.flags.writeable and image.dtype.isnative):  # torch warns on read-only memory, refuses byte-swapped
+            image = image.astype(image.dtype.newbyteorder("="))
+        image = torch.from_numpy(image)
     if not isinstance(image, torch.Tensor):
-        raise TypeError(f"Expected a PIL image, a numpy array or a tensor, got {type(image).__name__}.")
+        raise TypeError(f"Expected a PIL image, a numpy array or a tensor, got {type(image).__name__} "
+                        "(read a file with load_image(path)).")
     if image.ndim == 4 and image.shape[0] == 1: image = image[0]
-    if image.ndim == 2:
-        raise ValueError(f"The image has shape {tuple(image.shape)} (greyscale): stack it to 3 channels, "
-                         "e.g. np.stack([img]*3, -1).")
-    if image.ndim != 3: raise ValueError(f"The image has shape {tuple(image.shape)}: expected (H, W, 3) or (3, H, W).")
-    if image.shape[-1] in (1, 2, 4) and image.shape[0] not in (3,):
-        raise ValueError(f"The image has {image.shape[-1]} channels, not RGB: drop alpha / stack grey channels to RGB.")
-    if image.shape[-1] == 3 and image.shape[0] != 3: image = image.permute(2, 0, 1)
+    if image.ndim == 2: image = image[None].repeat(3, 1, 1)  # greyscale, as load_image reads mode 'L'
+    if image.ndim != 3:
+        raise ValueError(f"The image has shape {tuple(image.shape)}: expected (H, W, 3), (3, H, W) or (H, W) greyscale.")
+    if image.shape[-1] in (1, 2, 4) and image.shape[0] != 3:
+        raise ValueError(f"The image has {image.shape[-1]} channels, not RGB: {_CHANNEL_FIX[image.shape[-1]]}.")
+    if image.shape[-1] == 3 and (image.shape[0] != 3 or hwc): image = image.permute(2, 0, 1)
     elif image.shape[0] != 3: raise ValueError(f"The image has shape {tuple(image.shape)}: expected 3 RGB channels.")
     if image.shape[1] == 0 or image.shape[2] == 0:
         raise ValueError(f"The image is empty (shape {tuple(image.shape)}): pass an image with at least one pixel.")
-    if image.dtype == torch.uint8: return image.float() / 255
-    if not image.is_floating_point(): raise TypeError(f"Integer images must be uint8, got {image.dtype}.")
-    return image.float().clamp(0, 1)
+    return _unit_pixels(image)
 
 # %% ../nbs/00_models.ipynb #eb52a586
 @dataclass
