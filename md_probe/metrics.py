@@ -9,7 +9,8 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['PROTOCOLS', 'confusion_matrix', 'miou', 'pixel_accuracy', 'hungarian_match', 'apply_matching', 'matched_confusion',
-           'Scores', 'scores_from_confusion', 'ConfusionAccumulator', 'score_per_image', 'score_dataset']
+           'Scores', 'scores_from_confusion', 'fold_confusion', 'ConfusionAccumulator', 'score_per_image',
+           'score_dataset']
 
 # %% ../nbs/03_metrics.ipynb #2269830e
 def _np(x):
@@ -62,15 +63,15 @@ def _check_conf(conf):
     return conf.astype(np.float64)
 
 def miou(conf, # (C, P>=C) confusion matrix, rows = gt; columns >= C count as wrong
-        )->tuple: # (mean IoU over classes present in gt, per-class IoU with NaN for absent classes)
-    "Mean IoU over the classes that occur in the ground truth, and the per-class IoU."
+        )->tuple: # (mean IoU over classes with a non-empty union, per-class IoU with NaN where the union is empty)
+    "Mean IoU over the classes that occur in the ground truth or the prediction (IoU 0 if predicted only), and the per-class IoU."
     conf = _check_conf(conf)
     C = conf.shape[0]
     tp = np.diag(conf[:, :C])
-    gt_n, pred_n = conf.sum(1), conf[:, :C].sum(0)
+    union = conf.sum(1) + conf[:, :C].sum(0) - tp      # gt pixels + pixels predicted as the class - overlap
     with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.where(gt_n > 0, tp / (gt_n + pred_n - tp), np.nan)
-    return (float(np.nanmean(iou)) if (gt_n > 0).any() else float("nan")), iou
+        iou = np.where(union > 0, tp / union, np.nan)
+    return (float(np.nanmean(iou)) if (union > 0).any() else float("nan")), iou
 
 def pixel_accuracy(conf, # (C, P>=C) confusion matrix, rows = gt
                   )->float: # fraction of counted pixels predicted as their class (NaN if none)
@@ -80,19 +81,24 @@ def pixel_accuracy(conf, # (C, P>=C) confusion matrix, rows = gt
     return float(np.trace(conf[:, :conf.shape[0]]) / n) if n else float("nan")
 
 # %% ../nbs/03_metrics.ipynb #db91e18f
-def hungarian_match(conf, # (C, P) cluster-by-class confusion, rows = gt class, columns = cluster id
+def hungarian_match(conf, # (C, P) class-by-cluster confusion, rows = gt class, columns = cluster id
+                    protocol:str="per_image", # "per_image" (DiffSeg's table) or "dataset" (STEGO's); they differ only in ties
                    )->dict: # {cluster id: class id, or -1 for unmatched} for every cluster 0..P-1
-    "One-to-one matching of clusters to classes maximising overlapping pixels (`linear_sum_assignment`)."
+    "One-to-one matching of clusters to classes maximising overlapping pixels, on the full table, as the released code does."
     from scipy.optimize import linear_sum_assignment  # 0.5 s import: only when matching
     conf = _np(conf)
     if conf.ndim != 2: raise ValueError(f"expected a 2-d (classes, clusters) confusion matrix, got shape {conf.shape}")
-    rows, cols = np.flatnonzero(conf.sum(1)), np.flatnonzero(conf.sum(0))
-    sub = conf[np.ix_(rows, cols)]
-    order = np.lexsort(sub[::-1]) if sub.size else np.arange(len(cols))  # canonical column order: ids don't matter
-    r, c = linear_sum_assignment(sub[:, order], maximize=True)
-    mapping = {k: -1 for k in range(conf.shape[1])}
-    for i, j in zip(r, c):
-        if sub[i, order[j]] > 0: mapping[int(cols[order[j]])] = int(rows[i])
+    if protocol not in ("per_image", "dataset"):
+        raise ValueError(f"protocol={protocol!r}: matching exists for 'per_image' (DiffSeg) and 'dataset' (STEGO) only")
+    C, P = conf.shape
+    table = np.pad(conf, ((0, 0), (0, max(C - P, 0))))  # at least one column per class, as both released codes build it
+    if protocol == "dataset" and table.shape[1] == C:   # STEGO: linear_sum_assignment(stats), rows = clusters
+        clusters, classes = linear_sum_assignment(table.T, maximize=True)
+    else:                                               # DiffSeg: rows = classes, columns in cluster-id order
+        classes, clusters = linear_sum_assignment(table, maximize=True)
+    mapping = {k: -1 for k in range(P)}
+    for r, k in zip(classes, clusters):
+        if k < P: mapping[int(k)] = int(r)              # a padding column is an empty cluster: nothing to name
     return mapping
 
 # %% ../nbs/03_metrics.ipynb #3a440197
@@ -128,9 +134,9 @@ PROTOCOLS = ("per_image", "dataset", "supervised")
 @dataclass(repr=False)
 class Scores:
     "Scores of a prediction set: mIoU, pixel accuracy, per-class IoU, the confusion they came from, the protocol."
-    miou: float              # mean IoU over classes present in the gt
+    miou: float              # mean IoU over the classes with a non-empty union (in the gt or predicted)
     pixel_accuracy: float    # fraction of counted pixels right
-    per_class: np.ndarray    # (C,) IoU per class, NaN for classes absent from the gt
+    per_class: np.ndarray    # (C,) IoU per class: 0 for a class predicted but absent from the gt, NaN if neither
     confusion: np.ndarray    # (C, C or C+1) confusion the numbers came from (rows = gt; column C = unmatched)
     protocol: str            # "per_image" | "dataset" | "supervised"
     mapping: dict|None = None # the dataset protocol's cluster -> class matching
@@ -145,6 +151,14 @@ def scores_from_confusion(conf,           # (C, P>=C) class-by-class confusion, 
     "Read mIoU, per-class IoU and pixel accuracy off a confusion matrix."
     m, per = miou(conf)
     return Scores(m, pixel_accuracy(conf), per, _np(conf), protocol, mapping)
+
+def fold_confusion(conf,          # (C, P) one image's counts: class-by-class (supervised) or class-by-cluster
+                   protocol:str,  # "per_image", "dataset" or "supervised"
+                  )->np.ndarray: # int64: per_image -> the image's (C, C+1) matched confusion; else `conf` itself
+    "What one image's confusion adds to the split's total under `protocol` (the dataset protocol matches only at the end)."
+    if protocol not in PROTOCOLS: raise ValueError(f"unknown protocol {protocol!r}: use one of {PROTOCOLS}")
+    conf = _np(conf).astype(np.int64)
+    return matched_confusion(conf, hungarian_match(conf)) if protocol == "per_image" else conf
 
 # %% ../nbs/03_metrics.ipynb #244849c6
 class ConfusionAccumulator:
@@ -179,9 +193,10 @@ class ConfusionAccumulator:
             self.confusion += conf; self.n_images += 1
             return scores_from_confusion(conf, "supervised")
         pred = _labels(pred, "pred")
+        # DiffSeg's `_fast_hist` width: max(n_class, largest id + 1), over all pixels (ignored ones too)
         P = self.num_preds if (self.protocol == "dataset" and self.num_preds) else max(int(pred.max()) + 1 if pred.size else 1, C)
         conf = confusion_matrix(pred, gt, C, ii, P)
-        mapped = matched_confusion(conf, hungarian_match(conf))
+        mapped = fold_confusion(conf, "per_image")
         if self.protocol == "per_image": self.confusion += mapped
         else: self._grow(P); self.confusion[:, :P] += conf
         self.n_images += 1
@@ -190,7 +205,7 @@ class ConfusionAccumulator:
     def scores(self)->Scores:
         "Scores of everything accumulated so far, under this accumulator's protocol."
         if self.protocol != "dataset": return scores_from_confusion(self.confusion, self.protocol)
-        mapping = hungarian_match(self.confusion)
+        mapping = hungarian_match(self.confusion, "dataset")
         return scores_from_confusion(matched_confusion(self.confusion, mapping), "dataset", mapping)
 
     def merge(self, other:ConfusionAccumulator)->ConfusionAccumulator:
@@ -225,7 +240,7 @@ def score_per_image(preds,            # sequence of (H, W) cluster maps
                     num_classes:int,  # number of ground-truth classes
                     ignore_index:int=255, # gt label never counted
                    )->Scores:
-    "DiffSeg protocol: Hungarian matching per image, matched confusions summed over the set."
+    "DiffSeg protocol: Hungarian matching of each image's full class-by-segment table, TP/FP/FN summed over the set."
     return _score(preds, gts, num_classes, "per_image", ignore_index)
 
 def score_dataset(preds,            # sequence of (H, W) cluster maps, cluster ids shared across images
@@ -234,5 +249,5 @@ def score_dataset(preds,            # sequence of (H, W) cluster maps, cluster i
                   ignore_index:int=255, # gt label never counted
                   num_preds:int|None=None, # number of clusters (default: grows to the largest id seen)
                  )->Scores:
-    "STEGO/PiCIE protocol: cluster-by-class confusion summed over the set, one Hungarian matching at the end."
+    "STEGO/PiCIE protocol: cluster-by-class histogram summed over the set, one Hungarian matching of all classes at the end."
     return _score(preds, gts, num_classes, "dataset", ignore_index, num_preds)
