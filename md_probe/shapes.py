@@ -15,10 +15,10 @@ from .models import DiffusionModel, clip_bpe_tokenizer, tokenize_prompt
 from .probe import AttentionRecorder
 
 # %% auto #0
-__all__ = ['SHAPE_CLASSES', 'COLORS', 'SHAPES_WORDS', 'SHAPES_MAX_LENGTH', 'SHAPES_UNET', 'SHAPES_DEFAULTS', 'Scene',
-           'make_scene', 'make_scenes', 'shapes_tokenizer', 'LocalTextEncoder', 'build_shapes_model', 'save_shapes',
-           'read_record', 'load_shapes', 'shapes_model', 'shapes_generative_model', 'shapes_random_model',
-           'training_prompt', 'grounding_loss', 'train_shapes']
+__all__ = ['SHAPE_CLASSES', 'COLORS', 'SHAPES_WORDS', 'SHAPES_MAX_LENGTH', 'SHAPES_UNET', 'Scene', 'make_scene', 'make_scenes',
+           'shapes_tokenizer', 'LocalTextEncoder', 'build_shapes_model', 'save_shapes', 'read_record', 'load_shapes',
+           'shapes_model', 'shapes_generative_model', 'shapes_random_model', 'training_prompt', 'grounding_loss',
+           'train_shapes']
 
 # %% ../nbs/02_shapes.ipynb #21b89893
 SHAPE_CLASSES = ("background", "circle", "square", "triangle", "cross")
@@ -116,11 +116,6 @@ SHAPES_UNET = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_blo
                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
 
-SHAPES_DEFAULTS = dict(  # METHOD.md's head mapped onto this UNet: the last resnet of the two finest decoder levels
-    feature_layers=("up_blocks.1.resnets.1", "up_blocks.2.resnets.1"), feature_capture="input",
-    attention_layers=("mid_block.attentions.*.attn2", "up_blocks.*.attentions.*.attn2"),
-    attention_size=16, feature_size=16, timestep=50)  # METHOD.md's 32x32 grid is half the 64x64 latent of SD: 16 here
-
 def _shapes_scheduler():
     from diffusers import DDPMScheduler
     return DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
@@ -133,8 +128,7 @@ def build_shapes_model(seed:int=0)->DiffusionModel:
         torch.manual_seed(seed); unet = UNet2DConditionModel(**SHAPES_UNET)
         torch.manual_seed(seed + 1); text = LocalTextEncoder(len(tok))
     return DiffusionModel(unet.eval(), text.eval(), tok, _shapes_scheduler(), None, name="shapes-random",
-                          image_size=32, max_length=SHAPES_MAX_LENGTH, pass_attention_mask=True,
-                          defaults=dict(SHAPES_DEFAULTS))
+                          image_size=32, max_length=SHAPES_MAX_LENGTH, pass_attention_mask=True, family="shapes")
 
 # %% ../nbs/02_shapes.ipynb #78fee829
 def save_shapes(model:DiffusionModel, path, record:dict|None=None):
@@ -311,7 +305,8 @@ def train_shapes(out, # output folder: state.pt (resumable), loss.csv, shapes.sa
     log.close()
     unet.set_attn_processor(original)
     model.unet.eval(); model.text_encoder.eval()
-    record = dict(command=f"md-probe train-shapes --out {out} --steps {steps} --seed {seed} --batch-size {batch_size} "
+    # the folder's name only: a record never names a path of the machine it was made on
+    record = dict(command=f"md-probe train-shapes --out {out.resolve().name} --steps {steps} --seed {seed} --batch-size {batch_size} "
                           f"--lr {lr} --grounding {grounding}", steps=steps, seed=seed, batch_size=batch_size, lr=lr,
                   grounding=grounding, max_grounding_t=max_grounding_t, warmup=warmup, threads=threads,
                   torch=torch.__version__)
