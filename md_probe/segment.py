@@ -239,6 +239,7 @@ class CaptureSpec:
                      cross_attention=list(self.cross_attention), seed=self.seed, capture=self.read,
                      with_lse=self.with_lse, size=self.image_size, keep_aspect=self.keep_aspect, batch_size=batch_size)
 
+# %% ../nbs/05_segment.ipynb #ef71656c
 _RENAMED = {"feature_size": "grid", "attention_size": "attention_grid", "feature_capture": "read", "size": "image_size",
             "n_segments": "k"}   # the option names before the configs, so that old call sites get a clear pointer
 
