@@ -50,22 +50,22 @@ def _shape_mask(kind, cy, cx, r, yy, xx):
         return ((np.abs(dy) <= arm) & (np.abs(dx) <= r)) | ((np.abs(dx) <= arm) & (np.abs(dy) <= r))
     raise ValueError(kind)
 
-def make_scene(rng:np.random.Generator, size:int=32)->Scene:
+def make_scene(rng:np.random.Generator, image_size:int=32)->Scene:
     "One random scene drawn with `rng`."
     names = list(COLORS)
     bg = names[rng.integers(len(names))]
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    yy, xx = np.mgrid[0:image_size, 0:image_size].astype(np.float32)
     grad = rng.uniform(-40, 40, 2)
-    img = np.array(COLORS[bg], np.float32) + (grad[0] * (yy / size - .5) + grad[1] * (xx / size - .5))[..., None]
+    img = np.array(COLORS[bg], np.float32) + (grad[0] * (yy / image_size - .5) + grad[1] * (xx / image_size - .5))[..., None]
     img += rng.normal(0, 8, img.shape)
-    mask = np.zeros((size, size), np.int64)
+    mask = np.zeros((image_size, image_size), np.int64)
     n = int(rng.integers(1, 4))
     kinds = list(rng.choice(np.arange(1, len(SHAPE_CLASSES)), n, replace=False))
     colors, placed = {"background": bg}, []
     for k in kinds:
         for _ in range(50):  # rejection sampling of a free spot
-            r = rng.uniform(0.17, 0.28) * size
-            cy, cx = rng.uniform(r, size - r, 2)
+            r = rng.uniform(0.17, 0.28) * image_size
+            cy, cx = rng.uniform(r, image_size - r, 2)
             m = _shape_mask(SHAPE_CLASSES[k], cy, cx, r, yy, xx)
             if not (m & (mask > 0)).any() and m.sum() >= 6: break
         else: continue
@@ -78,10 +78,10 @@ def make_scene(rng:np.random.Generator, size:int=32)->Scene:
 
 def make_scenes(n:int, # number of scenes
                 seed:int=0, # scenes depend only on (seed, index): make_scenes(5, s)[:3] == make_scenes(3, s)
-                size:int=32, # image side in pixels
+                image_size:int=32, # image side in pixels
                )->list:
     "`n` scenes, reproducible from `seed`."
-    return [make_scene(np.random.default_rng([seed, i]), size) for i in range(n)]
+    return [make_scene(np.random.default_rng([seed, i]), image_size) for i in range(n)]
 
 # %% ../nbs/02_shapes.ipynb #98444c21
 SHAPES_WORDS = tuple(SHAPE_CLASSES) + tuple(COLORS) + ("and", "on", "a", "with", "the")
