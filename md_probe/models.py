@@ -4,17 +4,17 @@
 
 # %% ../nbs/00_models.ipynb #4081a768
 from __future__ import annotations
-import os, re, json, math
-from dataclasses import dataclass, field
+import os, re, json, math, warnings
+from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import torch
+from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['WHITE', 'TINY_WORDS', 'SD_DEFAULTS', 'BUILTIN_MODELS', 'resolve_dtype', 'normalize_word', 'PromptEncoding',
+__all__ = ['STOPWORDS', 'WHITE', 'TINY_WORDS', 'BUILTIN_MODELS', 'resolve_dtype', 'normalize_word', 'PromptEncoding',
            'tokenize_prompt', 'clip_bpe_tokenizer', 'load_image', 'PreparedImage', 'image_to_tensor', 'DiffusionModel',
-           'prepare_image', 'encode_image', 'encode_prompt', 'check_timesteps', 'add_noise', 'tiny_model',
-           'sd15_random_model', 'load_model', 'to', 'save_pretrained']
+           'prepare_image', 'check_timesteps', 'tiny_model', 'sd15_random_model', 'load_model']
 
 # %% ../nbs/00_models.ipynb #05a9bcc8
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -32,6 +32,9 @@ def resolve_dtype(dtype=None, # `torch.dtype`, a name such as "fp16", or None fo
 def normalize_word(w:str)->str:
     "Lower-case `w` and strip the punctuation around it, as prompt words are compared."
     return re.sub(r"^[^\w]+|[^\w]+$", "", w.lower())
+
+# %% ../nbs/00_models.ipynb #7e95bd74
+STOPWORDS = ("and", "a", "the", "on", "of", "with", "in")  # normalised (see normalize_word)
 
 # %% ../nbs/00_models.ipynb #ab372050
 @dataclass
@@ -259,7 +262,7 @@ class DiffusionModel:
     image_size: int = 512              # native (square) image size in pixels
     max_length: int = 77               # the text encoder's window
     pass_attention_mask: bool = False  # give the UNet an encoder_attention_mask (SD does not; shapes does)
-    defaults: dict = field(default_factory=dict)  # the method's default layers for this model (see segment)
+    family: str = "sd"                 # architecture family: methods look up their defaults by it (see segment)
 
     @property
     def device(self): return next(self.unet.parameters()).device
@@ -282,49 +285,52 @@ class DiffusionModel:
                 f"{'VAE latent' if self.vae is not None else 'pixel space'}, {self.dtype}, {self.device})")
 
 # %% ../nbs/00_models.ipynb #2006b319
-def _patch(f):
-    "Attach `f` to `DiffusionModel` (so each method gets its own cell, prose and example)."
-    setattr(DiffusionModel, f.__name__, f); return f
-
-@_patch
-def prepare_image(self:DiffusionModel, image, # PIL image, (H, W, 3) uint8 array or (3, H, W) float tensor
-                  size:int|None=None,   # target size (default: the model's native size)
-                  keep_aspect:bool=False, # keep the aspect ratio and pad to a multiple of the stride
+def prepare_image(image, # PIL image, (H, W, 3) uint8 array or (3, H, W) float tensor
+                  image_size:int, # target size in pixels (the longer side with `keep_aspect`)
+                  stride:int, # sizes must be multiples of this (`DiffusionModel.stride`: 64 for SD)
+                  keep_aspect:bool=False, # keep the aspect ratio and pad to a multiple of `stride`
                  )->PreparedImage:
-    "Resize and scale `image` to the model's input in [-1, 1]."
+    "Resize and scale `image` to a model input in [-1, 1]."
     import torch.nn.functional as F
     x = image_to_tensor(image)[None]
-    size = size or self.image_size
     h, w = x.shape[-2:]
     if keep_aspect:
-        s = size / max(h, w)
+        s = image_size / max(h, w)
         ch, cw = max(1, round(h * s)), max(1, round(w * s))
-        H, W = (math.ceil(v / self.stride) * self.stride for v in (ch, cw))
+        H, W = (math.ceil(v / stride) * stride for v in (ch, cw))
     else:
-        if size % self.stride: raise ValueError(f"size {size} is not a multiple of the model's stride {self.stride}.")
-        ch = cw = H = W = size
+        if image_size % stride:
+            raise ValueError(f"image_size {image_size} is not a multiple of the model's stride {stride}: pass "
+                             f"image_size={math.ceil(image_size / stride) * stride}, or keep_aspect=True to pad.")
+        ch = cw = H = W = image_size
     x = F.interpolate(x, size=(ch, cw), mode="bilinear", antialias=True, align_corners=False) if (ch, cw) != (h, w) else x
     x = F.pad(x * 2 - 1, (0, W - cw, 0, H - ch), value=0.0)  # pad with mid-grey (0 in [-1, 1])
     return PreparedImage(x, (int(h), int(w)), (ch, cw))
 
-@_patch
-@torch.no_grad()
-def encode_image(self:DiffusionModel, image, size:int|None=None, keep_aspect:bool=False)->torch.Tensor:
+@patch
+def prepare_image(self:DiffusionModel, image, # PIL image, (H, W, 3) uint8 array or (3, H, W) float tensor
+                  image_size:int|None=None, # target size (default: the model's native size)
+                  keep_aspect:bool=False, # keep the aspect ratio and pad to a multiple of the stride
+                 )->PreparedImage:
+    "Resize and scale `image` to this model's input in [-1, 1] (`prepare_image` with the model's size and stride)."
+    return prepare_image(image, image_size or self.image_size, self.stride, keep_aspect)
+
+@patch
+def encode_image(self:DiffusionModel, image, image_size:int|None=None, keep_aspect:bool=False)->torch.Tensor:
     "The latent z_0 of `image`: VAE posterior mean x scaling factor (the pixels themselves in pixel space)."
-    x = (image if isinstance(image, PreparedImage) else self.prepare_image(image, size, keep_aspect)).pixels
+    x = (image if isinstance(image, PreparedImage) else self.prepare_image(image, image_size, keep_aspect)).pixels
     x = x.to(self.device, self.dtype if self.vae is None else self.vae.dtype)
     if self.vae is None: return x
-    return self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
+    with torch.no_grad(): return self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
 
 # %% ../nbs/00_models.ipynb #f0bc3611
-@_patch
-@torch.no_grad()
+@patch
 def encode_prompt(self:DiffusionModel, prompt:str)->PromptEncoding:
     "Embeddings of `prompt` from the text encoder, with the word/token alignment."
     enc = tokenize_prompt(self.tokenizer, prompt, self.max_length)
     ids = enc.input_ids.to(self.text_encoder.device)
     mask = enc.attention_mask.to(ids.device) if self.pass_attention_mask else None
-    enc.embeddings = self.text_encoder(ids, attention_mask=mask)[0]
+    with torch.no_grad(): enc.embeddings = self.text_encoder(ids, attention_mask=mask)[0]
     return enc
 
 # %% ../nbs/00_models.ipynb #0c582712
@@ -338,7 +344,7 @@ def check_timesteps(timesteps, num_train_timesteps:int)->list:
                              f"integer training timesteps (0 = clean).")
     return [int(t) for t in ts]
 
-@_patch
+@patch
 def add_noise(self:DiffusionModel, latent:torch.Tensor, # (1 or B, C, h, w) clean latent z_0
               timesteps, # int or list of ints in [0, num_train_timesteps)
               seed:int=0, # seeds eps; the same eps is used for every timestep and image
@@ -367,7 +373,7 @@ def _seeded(seed, build):
         torch.manual_seed(seed)
         return build().eval()
 
-def _sd_like(unet_kw, vae_kw, text_kw, name, image_size, defaults):
+def _sd_like(unet_kw, vae_kw, text_kw, name, image_size):
     from diffusers import UNet2DConditionModel, AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
     tok = clip_bpe_tokenizer(TINY_WORDS)
@@ -381,12 +387,7 @@ def _sd_like(unet_kw, vae_kw, text_kw, name, image_size, defaults):
     cfg = CLIPTextConfig(max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id, hidden_act="quick_gelu", **text_kw)
     text = _seeded(2, lambda: CLIPTextModel(cfg))
-    return DiffusionModel(unet, text, tok, _sd_scheduler(), vae, name=name, image_size=image_size, defaults=defaults)
-
-SD_DEFAULTS = dict(  # METHOD.md: decoder features, 16x16 and 8x8 cross-attention (for a 512 image)
-    feature_layers=("up_blocks.1.resnets.2", "up_blocks.2.resnets.2"), feature_capture="input",
-    attention_layers=("down_blocks.2.attentions.*.attn2", "mid_block.attentions.*.attn2",
-                      "up_blocks.1.attentions.*.attn2"), attention_size=32, feature_size=32, timestep=0)
+    return DiffusionModel(unet, text, tok, _sd_scheduler(), vae, name=name, image_size=image_size, family="sd")
 
 def tiny_model()->DiffusionModel:
     "SD 1.5's layer names with tiny channels and seeded random weights; runs a 64 px image in milliseconds."
@@ -395,7 +396,7 @@ def tiny_model()->DiffusionModel:
                     dict(block_out_channels=(8, 16, 16, 16), norm_num_groups=8, sample_size=64),
                     dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, projection_dim=32),
-                    "tiny", 64, SD_DEFAULTS | dict(attention_size=4, feature_size=4))
+                    "tiny", 64)
 
 def sd15_random_model()->DiffusionModel:
     "The exact SD 1.5 architecture (UNet, VAE, CLIP ViT-L/14 text encoder) with seeded random weights."
@@ -404,7 +405,7 @@ def sd15_random_model()->DiffusionModel:
                     dict(block_out_channels=(128, 256, 512, 512), sample_size=512),
                     dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                          num_attention_heads=12, projection_dim=768),
-                    "sd15-random", 512, SD_DEFAULTS)
+                    "sd15-random", 512)
 
 # %% ../nbs/00_models.ipynb #e4b4898d
 BUILTIN_MODELS = {"tiny": "md_probe.models:tiny_model", "sd15-random": "md_probe.models:sd15_random_model",
@@ -416,21 +417,25 @@ def _resolve(ref):
     mod, fn = ref.split(":")
     return getattr(importlib.import_module(mod), fn)
 
+# diffusers' own `from_pretrained` passes huggingface_hub an argument it deprecated: nothing a user can act on
+_HUB_NOISE = "The `local_dir_use_symlinks` argument is deprecated"
+
 def _load_diffusers(path, dtype, name):
     "Components of a Stable Diffusion checkpoint (folder or hub id), each from its subfolder."
     from diffusers import UNet2DConditionModel, AutoencoderKL, DDIMScheduler
     from transformers import CLIPTextModel, AutoTokenizer
     kw = dict(torch_dtype=dtype)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
-    text = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
-    tok = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
-    sched = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=re.escape(_HUB_NOISE), category=UserWarning)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
+        text = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
+        tok = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
+        sched = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
     size = vae.config.sample_size if isinstance(vae.config.sample_size, int) else vae.config.sample_size[0]
     size = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1) if unet.config.sample_size else size
     return DiffusionModel(unet.eval(), text.eval(), tok, sched, vae.eval(), name=name, image_size=int(size),
-                          max_length=tok.model_max_length if tok.model_max_length < 10_000 else 77,
-                          defaults=dict(SD_DEFAULTS))
+                          max_length=tok.model_max_length if tok.model_max_length < 10_000 else 77, family="sd")
 
 def _not_available(name, err):
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
@@ -460,19 +465,26 @@ def load_model(name_or_path:str, # offline name, checkpoint folder, shapes .safe
     return model.to(device=device, dtype=dt)
 
 # %% ../nbs/00_models.ipynb #83cc5a8c
-@_patch
+@patch
 def to(self:DiffusionModel, device=None, dtype=None)->DiffusionModel:
     "Move the model's modules to `device` and/or cast them to `dtype`, in place; returns the model."
     dt = resolve_dtype(dtype) if dtype is not None else None
     for mod in (self.unet, self.text_encoder, self.vae):
         if mod is None: continue
         p = next(mod.parameters())
-        if (dt is not None and p.dtype != dt) or (device is not None and p.device != torch.device(device)):
-            mod.to(device=device, dtype=dt)
+        if (dt is not None and p.dtype != dt) or (device is not None and p.device != torch.device(device)): _move(mod, device, dt)
     return self
 
+def _move(mod:torch.nn.Module, device, dtype):
+    "`mod.to(device, dtype)`, without diffusers' warning about float32 modules when the module has none to keep."
+    kw = {k: v for k, v in dict(device=device, dtype=dtype).items() if v is not None}
+    # diffusers 0.42's ModelMixin.to warns on every cast, even when `_keep_in_fp32_modules` is empty: then its
+    # checks have nothing to say, and torch's own `to` does the same work
+    plain = type(mod).__module__.startswith("diffusers.") and not getattr(mod, "_keep_in_fp32_modules", None)
+    (torch.nn.Module.to if plain else type(mod).to)(mod, **kw)
+
 # %% ../nbs/00_models.ipynb #37f396dc
-@_patch
+@patch
 def save_pretrained(self:DiffusionModel, path):
     "Write the model as a diffusers Stable Diffusion folder."
     if self.vae is None: raise ValueError("Pixel-space models are saved with md_probe.shapes.save_shapes, not as an SD folder.")

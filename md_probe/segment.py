@@ -4,19 +4,23 @@
 
 # %% ../nbs/05_segment.ipynb #2b28832b
 from __future__ import annotations
-import math, json
-from dataclasses import dataclass, field
+import math, difflib
+from dataclasses import dataclass, fields, replace, MISSING
 from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from fastcore.basics import patch
 from .models import DiffusionModel, tokenize_prompt, normalize_word, image_to_tensor
 from .probe import probe, ProbeCache, resolve_layers
+from .sweep import default_grid
+from .utils import atomic_write
 
 # %% auto #0
-__all__ = ['Segmentation', 'check_classes', 'ClassPrompts', 'build_prompts', 'class_attention', 'pixel_features',
-           'upsample_scores', 'scores_to_labels', 'MaskDiffusion', 'head', 'attention_argmax', 'oracle_segment',
-           'UnsupervisedMaskDiffusion']
+__all__ = ['FAMILY_DEFAULTS', 'Segmentation', 'check_classes', 'ClassPrompts', 'build_prompts', 'class_attention',
+           'pixel_features', 'upsample_scores', 'scores_to_labels', 'family_defaults', 'CaptureSpec', 'MethodConfig',
+           'MaskDiffusionConfig', 'maskdiffusion_head', 'MaskDiffusion', 'where_in_cache', 'attention_argmax_head',
+           'attention_argmax', 'oracle_segment', 'UnsupervisedConfig', 'unsupervised_head', 'UnsupervisedMaskDiffusion']
 
 # %% ../nbs/05_segment.ipynb #f30d73fc
 @dataclass
@@ -80,12 +84,9 @@ def _resized(img:np.ndarray, hw)->np.ndarray:
     return img if img.shape[:2] == tuple(hw) else np.asarray(Image.fromarray(img).resize(hw[::-1], Image.BILINEAR))
 
 def _save_image(im, path)->Path:
-    "Save a PIL image atomically (no half-written file if it fails)."
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    im.save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
+    "Save a PIL image as a PNG atomically (no half-written file if it fails)."
+    with atomic_write(path) as tmp: im.save(tmp, format="PNG")
+    return Path(path)
 
 # %% ../nbs/05_segment.ipynb #dd82b17d
 def check_classes(classes)->list:
@@ -142,32 +143,37 @@ def _try_tokenize(tokenizer, prompt, max_length):
 # %% ../nbs/05_segment.ipynb #e0dccc9d
 def class_attention(cache:ProbeCache, where:list, # per class: (prompt index, token positions)
                     layers=None, # attn2 layers (default: all recorded)
-                    size:int|tuple=32, # common grid
+                    grid:int|tuple=32, # side (or (h, w)) of the common grid
                     attention:str="softmax", # "softmax" or "exp_logits"
-                    image:int=0, t_index:int=0, normalize:bool=True)->torch.Tensor:
+                    image:int=0, # which image of the cache
+                    step:int=0, # which timestep: an index into `cache.timesteps`
+                    normalize:bool=True)->torch.Tensor:
     "The (C, h, w) attention maps of the classes; each divided by its maximum when `normalize`."
     if attention not in ("softmax", "exp_logits"): raise ValueError(f"attention={attention!r}: use 'softmax' or 'exp_logits'.")
     layers = list(layers or cache.attention_)
-    size = (size, size) if isinstance(size, int) else tuple(size)
+    grid = (grid, grid) if isinstance(grid, int) else tuple(grid)
     out = []
     for p, pos in where:
         maps = []
         for l in layers:
-            a = cache.attention_[l][t_index, image, p]                       # (heads, N, L)
+            a = cache.attention_[l][step, image, p]                          # (heads, N, L)
             if attention == "exp_logits":
                 if l not in cache.lse_: raise ValueError("attention='exp_logits' needs the logits' logsumexp: probe with with_lse=True.")
-                a = a * cache.lse_[l][t_index, image, p].exp()[..., None]
+                a = a * cache.lse_[l][step, image, p].exp()[..., None]
             m = a[..., pos].mean(0).mean(-1).reshape(cache.attention_hw(l))  # heads, then the class's tokens
-            maps.append(F.interpolate(m[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0])
+            maps.append(F.interpolate(m[None, None].float(), size=grid, mode="bilinear", align_corners=False)[0, 0])
         out.append(torch.stack(maps).mean(0))
     m = torch.stack(out)
     return m / m.flatten(1).amax(1).clamp(min=1e-12)[:, None, None] if normalize else m
 
-def pixel_features(cache:ProbeCache, layers=None, size:int|tuple=32, image:int=0, t_index:int=0, prompt:int=0)->torch.Tensor:
+def pixel_features(cache:ProbeCache, layers=None, # feature layers (default: all recorded)
+                   grid:int|tuple=32, # side (or (h, w)) of the common grid
+                   image:int=0, step:int=0, # which image, which timestep (an index into `cache.timesteps`)
+                   prompt:int=0)->torch.Tensor:
     "The (D, h, w) L2-normalised concatenation of the chosen layers' features on a common grid."
     layers = list(layers or cache.features_)
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    fs = [F.interpolate(cache.features_[l][t_index, image, prompt][None].float(), size=size, mode="bilinear",
+    grid = (grid, grid) if isinstance(grid, int) else tuple(grid)
+    fs = [F.interpolate(cache.features_[l][step, image, prompt][None].float(), size=grid, mode="bilinear",
                         align_corners=False)[0] for l in layers]
     return F.normalize(torch.cat(fs), dim=0)
 
@@ -193,106 +199,252 @@ def scores_to_labels(scores:torch.Tensor, classes:list, threshold:float|None=Non
         labels[low] = bg[0] if bg else 255
     return labels
 
+# %% ../nbs/05_segment.ipynb #e152c059
+FAMILY_DEFAULTS = {
+    # METHOD.md on SD 1.x/2.x: the inputs of the last resnet of decoder levels 1 and 2 (the authors' levels), the
+    # cross-attention at 16x16 and 8x8 latent resolution (for a 512 image), t = 0 as the authors
+    "sd": dict(feature_layers=("up_blocks.1.resnets.2", "up_blocks.2.resnets.2"), read="input",
+               attention_layers=("down_blocks.2.attentions.*.attn2", "mid_block.attentions.*.attn2",
+                                 "up_blocks.1.attentions.*.attn2"), timestep=0),
+    # the same head mapped onto the shapes UNet (02_shapes): the last resnet of its two finest decoder levels, the
+    # cross-attention of the mid and up blocks (16x16 and 8x8), t = 50
+    "shapes": dict(feature_layers=("up_blocks.1.resnets.1", "up_blocks.2.resnets.1"), read="input",
+                   attention_layers=("mid_block.attentions.*.attn2", "up_blocks.*.attentions.*.attn2"), timestep=50),
+}
+
+def family_defaults(model:DiffusionModel)->dict:
+    "What `for_model` fills for `model`: the grid that suits its latent (`default_grid`), then its family's entry."
+    g = default_grid(model)
+    return dict(grid=g, attention_grid=g) | FAMILY_DEFAULTS.get(model.family, {})
+
+# %% ../nbs/05_segment.ipynb #32272fe5
+@dataclass(frozen=True, kw_only=True)
+class CaptureSpec:
+    "What one UNet call must record for a method, and how its input is made: `probe`'s arguments, as data."
+    timesteps: tuple = (0,)       # scheduler timesteps, all in the one call
+    layers: tuple = ()            # modules whose features are recorded
+    cross_attention: tuple = ()   # attn2 modules whose maps are recorded
+    read: str = "output"          # read the `layers`' "output" or "input"
+    with_lse: bool = False        # keep the logits' logsumexp (for attention="exp_logits")
+    seed: int = 0                 # seeds the noise
+    image_size: int|None = None   # input size (default: the model's native size)
+    keep_aspect: bool = False     # pad instead of resizing to a square
+
+    def probe(self, model:DiffusionModel, images, # one image or a list (one batch)
+              prompts="", # one prompt, or several run side by side
+              batch_size:int|None=None, # rows per UNet call (default: all in one call)
+             )->ProbeCache:
+        "Run the call: `probe` with these arguments."
+        return probe(model, images, prompts, timesteps=list(self.timesteps), layers=list(self.layers),
+                     cross_attention=list(self.cross_attention), seed=self.seed, capture=self.read,
+                     with_lse=self.with_lse, size=self.image_size, keep_aspect=self.keep_aspect, batch_size=batch_size)
+
+# %% ../nbs/05_segment.ipynb #ef71656c
+_RENAMED = {"feature_size": "grid", "attention_size": "attention_grid", "feature_capture": "read", "size": "image_size",
+            "n_segments": "k"}   # the option names before the configs, so that old call sites get a clear pointer
+
+class MethodConfig:
+    "Base of the methods' frozen option dataclasses: a model's defaults in, validated JSON-able data out."
+    _layers = {}   # layer fields -> `resolve_layers` options: what `for_model` resolves to module names
+
+    @classmethod
+    def for_model(cls, model:DiffusionModel, # its family's defaults and grid are filled in
+                  **overrides): # options to change (`None` keeps the default)
+        "This config for `model`: its family's defaults, then `overrides`, layer globs resolved to module names."
+        names = [f.name for f in fields(cls)]
+        unknown = [k for k in overrides if k not in names]
+        if unknown:
+            near = {k: _RENAMED[k] if _RENAMED.get(k) in names else next(iter(difflib.get_close_matches(k, names, n=1)), None)
+                    for k in unknown}
+            raise TypeError(f"{cls.__name__} has no option {unknown} (did you mean {near}?); its options are {names}.")
+        opts = {k: v for k, v in family_defaults(model).items() if k in names}
+        opts |= {k: v for k, v in overrides.items() if v is not None}
+        missing = [f.name for f in fields(cls) if f.name not in opts and f.default is MISSING]
+        if missing:
+            raise KeyError(f"No defaults for {missing}: model {model.name!r} is of family {model.family!r}, which "
+                           f"md_probe.segment.FAMILY_DEFAULTS does not know ({list(FAMILY_DEFAULTS)}). Pass them "
+                           f"({cls.__name__}.for_model(model, {missing[0]}=...)) or add the family to FAMILY_DEFAULTS.")
+        for k, kw in cls._layers.items(): opts[k] = tuple(resolve_layers(model, opts[k], **kw))
+        return cls(**opts)
+
+    @classmethod
+    def from_args(cls, model:DiffusionModel, config=None, # a config of this class, or None for the model's defaults
+                  **overrides): # options to change (`None` keeps the config's value)
+        "What a method's `(model, config=None, **overrides)` means: `config` (or the model's defaults) with `overrides`."
+        if config is not None and not isinstance(config, cls):
+            raise TypeError(f"config is a {type(config).__name__}, not a {cls.__name__}: build one with "
+                            f"{cls.__name__}.for_model(model, ...), or pass the options as keywords.")
+        given = {} if config is None else {f.name: getattr(config, f.name) for f in fields(config)}
+        return cls.for_model(model, **(given | {k: v for k, v in overrides.items() if v is not None}))
+
+    # ---- checks for __post_init__ (a frozen dataclass normalises its fields with object.__setattr__)
+    def _set(self, name, value): object.__setattr__(self, name, value)
+
+    def _check_layers(self, name):
+        v = getattr(self, name)
+        t = (v,) if isinstance(v, str) else tuple(v) if isinstance(v, (list, tuple)) else None
+        if not t or not all(isinstance(x, str) and x for x in t):
+            raise ValueError(f"{name}={v!r}: pass module names or globs, e.g. ('up_blocks.1',) (see list_layers(model)).")
+        self._set(name, t)
+
+    def _check_choice(self, name, options):
+        if getattr(self, name) not in options:
+            raise ValueError(f"{name}={getattr(self, name)!r}: use {' or '.join(map(repr, options))}.")
+
+    def _check_number(self, name, low=None, integer=False, optional=False):
+        v = getattr(self, name)
+        if v is None and optional: return
+        kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+        if isinstance(v, bool) or not isinstance(v, kinds) or (low is not None and v < low):
+            what = ("an integer" if integer else "a number") + (f" >= {low}" if low is not None else "")
+            raise ValueError(f"{name}={v!r}: pass {what}{' or None' if optional else ''}.")
+        if isinstance(v, np.generic): self._set(name, v.item())   # plain Python numbers: asdict stays JSON
+
+    def _check_type(self, name, kind, optional=False):
+        v = getattr(self, name)
+        if not (isinstance(v, kind) or (optional and v is None)):
+            raise ValueError(f"{name}={v!r}: pass a {kind.__name__}{' or None' if optional else ''}.")
+
+# %% ../nbs/05_segment.ipynb #654c3310
+@dataclass(frozen=True, kw_only=True)
+class MaskDiffusionConfig(MethodConfig):
+    "MaskDiffusion's options (METHOD.md sections 1-3), frozen; `for_model(model)` fills the model's defaults."
+    feature_layers: tuple         # modules whose output (or input) are the pixel features
+    attention_layers: tuple       # attn2 modules whose maps weight the representatives
+    read: str = "output"          # read the feature layers' "output" or "input"
+    timestep: int = 0             # the noise timestep t of the UNet call
+    grid: int = 32                # side of the grid of the features and scores
+    attention_grid: int = 32      # side of the grid the attention layers are averaged on
+    similarity: str = "cosine"    # "cosine" (paper) or "dot" (released code: unnormalised representative)
+    attention: str = "softmax"    # "softmax" probabilities or the authors' "exp_logits"
+    weight_power: float = 1.0     # M_c ** power weights the representative
+    joiner: str = " and "         # joins class names into the prompt
+    template: str|None = None     # e.g. "a photo of {}"
+    seed: int = 0                 # seeds the noise
+    threshold: float|None = None  # pixels whose best score is below go to background / 255
+    presence: float|None = None   # classes whose raw attention peak is below this are marked absent
+    keep_aspect: bool = False     # keep the image's aspect ratio (pad) instead of resizing to a square
+    image_size: int|None = None   # input size (default: the model's native size)
+    batch_size: int|None = None   # rows per UNet call (default: all images in one call)
+    _layers = {"feature_layers": {}, "attention_layers": dict(cross_attention_only=True)}
+
+    def __post_init__(self):
+        self._check_layers("feature_layers"); self._check_layers("attention_layers")
+        self._check_choice("read", ("output", "input")); self._check_choice("similarity", ("cosine", "dot"))
+        self._check_choice("attention", ("softmax", "exp_logits"))
+        for n in ("timestep", "seed"): self._check_number(n, 0, integer=True)
+        for n in ("grid", "attention_grid"): self._check_number(n, 1, integer=True)
+        for n in ("image_size", "batch_size"): self._check_number(n, 1, integer=True, optional=True)
+        self._check_number("weight_power", 0)
+        for n in ("threshold", "presence"): self._check_number(n, optional=True)
+        self._check_type("joiner", str); self._check_type("template", str, optional=True); self._check_type("keep_aspect", bool)
+        if self.template is not None and "{}" not in self.template:
+            raise ValueError(f"template={self.template!r} has no '{{}}' for the class names: e.g. 'a photo of {{}}'.")
+
+    @property
+    def capture_spec(self)->CaptureSpec:
+        "The one UNet call MaskDiffusion needs: the features, the attention maps (and their logsumexp for exp_logits)."
+        return CaptureSpec(timesteps=(self.timestep,), layers=self.feature_layers, cross_attention=self.attention_layers,
+                           read=self.read, with_lse=self.attention == "exp_logits", seed=self.seed,
+                           image_size=self.image_size, keep_aspect=self.keep_aspect)
+
+# %% ../nbs/05_segment.ipynb #91d45de1
+def _check_in_cache(cache:ProbeCache, names, have:list, what:str):
+    missing = [n for n in names if n not in have]
+    if missing:
+        raise KeyError(f"The cache holds no {what} of {missing} (it holds {have}): probe them "
+                       f"(config.capture_spec.probe(model, image, prompts)), or use a config naming the cache's layers.")
+
+def maskdiffusion_head(cache:ProbeCache, # a probe holding the config's feature and attention layers
+                       classes:list, # class names, in score order
+                       where:list, # per class: (prompt index, token positions), e.g. `build_prompts(...).where`
+                       config:MaskDiffusionConfig, # the options the head reads (layers, grids, similarity, ...)
+                       image:int=0, # which image of the cache
+                      )->Segmentation:
+    "MaskDiffusion on a probe's tensors (no UNet call): attention-weighted representatives, scores, labels."
+    c = config
+    _check_in_cache(cache, c.feature_layers, cache.layers, "features")
+    _check_in_cache(cache, c.attention_layers, cache.attention_layers, "cross-attention")
+    raw = class_attention(cache, where, c.attention_layers, c.attention_grid, c.attention, image, normalize=False)
+    m = raw / raw.flatten(1).amax(1).clamp(min=1e-12)[:, None, None]
+    f = pixel_features(cache, c.feature_layers, c.grid, image)                  # (D, h, w), unit pixels
+    w = F.interpolate(m[None], size=f.shape[-2:], mode="bilinear", align_corners=False)[0].clamp(min=0) ** c.weight_power
+    proto = torch.einsum("chw,dhw->cd", w, f) / w.flatten(1).sum(1).clamp(min=1e-12)[:, None]
+    if c.similarity == "cosine": proto = F.normalize(proto, dim=1)
+    scores = torch.einsum("cd,dhw->chw", proto, f)
+    present, up = None, upsample_scores(scores, cache, image)
+    if c.presence is not None:
+        present = (raw.flatten(1).amax(1) >= c.presence).tolist()
+        up[~torch.tensor(present)] = -math.inf          # after upsampling: interpolating -inf gives NaN
+    return Segmentation(scores_to_labels(up, classes, c.threshold), up, classes, m,
+                        _resized(cache.images[image], cache.image_hw[image]) if cache.images else None, present)
+
 # %% ../nbs/05_segment.ipynb #262b46c0
 class MaskDiffusion:
     "Open-vocabulary MaskDiffusion: class representatives from attention-weighted features, cosine-similarity labels."
-    def __init__(self, model:DiffusionModel,
-                 feature_layers=None,  # module names/globs of the pixel features (default: the model's, e.g. SD's decoder resnets)
-                 attention_layers=None, # attn2 names/globs (default: the model's, e.g. SD's 16x16 and 8x8 layers)
-                 timestep:int|None=None, # noise timestep (default: the model's; 0 for SD as the authors)
-                 feature_size:int|None=None, # grid of features and scores (default 32)
-                 attention_size:int|None=None, # grid the attention layers are averaged on (default 32)
-                 similarity:str="cosine", # "cosine" (paper) or "dot" (released code: unnormalised representative)
-                 attention:str="softmax", # "softmax" probabilities or the authors' "exp_logits"
-                 weight_power:float=1.0, # M_c ** power as the weights of the representative
-                 joiner:str=" and ", # joins class names into the prompt
-                 template:str|None=None, # e.g. "a photo of {}"
-                 seed:int=0, # seeds the noise
-                 feature_capture:str|None=None, # "input" or "output" of the feature layers (default: the model's)
-                 threshold:float|None=None, # pixels whose best score is below go to background / 255
-                 presence:float|None=None, # classes whose raw attention peak is below this are marked absent
-                 keep_aspect:bool=False, # keep the image's aspect ratio (pad) instead of resizing to a square
-                 size:int|None=None, # input size (default: the model's native size)
-                 batch_size:int|None=None, # rows per UNet call (default: all images in one call)
+    def __init__(self, model:DiffusionModel, # the frozen model
+                 config:MaskDiffusionConfig|None=None, # the options (default: `MaskDiffusionConfig.for_model(model)`)
+                 **overrides, # options to change, e.g. similarity="dot" (fields of `MaskDiffusionConfig`)
                 ):
-        d = model.defaults
-        if similarity not in ("cosine", "dot"): raise ValueError(f"similarity={similarity!r}: use 'cosine' or 'dot'.")
-        if attention not in ("softmax", "exp_logits"): raise ValueError(f"attention={attention!r}: use 'softmax' or 'exp_logits'.")
-        self.model = model
-        self.feature_layers = resolve_layers(model, feature_layers or d.get("feature_layers", ()))
-        self.attention_layers = resolve_layers(model, attention_layers or d.get("attention_layers", "*attn2"), cross_attention_only=True)
-        self.timestep = d.get("timestep", 0) if timestep is None else timestep
-        self.feature_size = feature_size or d.get("feature_size", 32)
-        self.attention_size = attention_size or d.get("attention_size", 32)
-        self.feature_capture = feature_capture or d.get("feature_capture", "output")
-        self.similarity, self.attention, self.weight_power = similarity, attention, weight_power
-        self.joiner, self.template, self.seed = joiner, template, seed
-        self.threshold, self.presence, self.keep_aspect, self.size, self.batch_size = threshold, presence, keep_aspect, size, batch_size
+        self.model, self.config = model, MaskDiffusionConfig.from_args(model, config, **overrides)
+
+    def head(self, cache:ProbeCache, classes:list, where:list, image:int=0)->Segmentation:
+        "`maskdiffusion_head` with this segmenter's config (no UNet call)."
+        return maskdiffusion_head(cache, classes, where, self.config, image)
 
     def __repr__(self):
-        return (f"MaskDiffusion({self.model.name}: features {self.feature_layers} ({self.feature_capture}), "
-                f"attention {len(self.attention_layers)} layers, t={self.timestep}, grid {self.feature_size}, {self.similarity})")
+        c = self.config
+        return (f"MaskDiffusion({self.model.name}: features {list(c.feature_layers)} ({c.read}), "
+                f"attention {len(c.attention_layers)} layers, t={c.timestep}, grid {c.grid}, {c.similarity})")
 
 # %% ../nbs/05_segment.ipynb #903d9395
-def _probe_for(seg, images, prompts, layers=True):
-    return probe(seg.model, images, prompts, timesteps=[seg.timestep], layers=seg.feature_layers if layers else (),
-                 cross_attention=seg.attention_layers, seed=seg.seed, capture=seg.feature_capture,
-                 with_lse=seg.attention == "exp_logits", size=seg.size, keep_aspect=seg.keep_aspect,
-                 batch_size=seg.batch_size)
-
-def _where_in_cache(cache:ProbeCache, classes:list)->list:
-    "Locate each class's tokens in a user-provided cache's prompts."
+def where_in_cache(cache:ProbeCache, classes:list)->list:
+    "Each class's (prompt index, token positions) in a cache's prompts (the classes must be words of them)."
     out = []
     for c in classes:
         p = cache._prompt_of(c)
         out.append((p, cache.prompts[p].positions(c)))
     return out
 
-def _patch_md(f): setattr(MaskDiffusion, f.__name__, f); return f
-
-@_patch_md
+@patch
 def __call__(self:MaskDiffusion, image, # an image, a list of images (batched), or a ProbeCache holding the classes
              classes, # class names (list, or a comma-separated string)
             ):
     "Segment `image` into `classes`: a `Segmentation` (a list of them for a list of images)."
-    classes = check_classes(classes)
+    classes, c = check_classes(classes), self.config
+    images = image if isinstance(image, (list, tuple)) else [image]
     if isinstance(image, ProbeCache):
-        cache, where = image, _where_in_cache(image, classes)
+        cache, where = image, where_in_cache(image, classes)
     else:
-        cp = build_prompts(self.model.tokenizer, classes, self.model.max_length, self.joiner, self.template)
-        cache, where = _probe_for(self, image if isinstance(image, (list, tuple)) else [image], cp.prompts), cp.where
-    segs = [self.head(cache, classes, where, i) for i in range(len(cache.image_hw))]
+        cp = build_prompts(self.model.tokenizer, classes, self.model.max_length, c.joiner, c.template)
+        cache, where = c.capture_spec.probe(self.model, images, cp.prompts, c.batch_size), cp.where
+    segs = [maskdiffusion_head(cache, classes, where, c, i) for i in range(len(cache.image_hw))]
     if not isinstance(image, ProbeCache):
-        for s, im in zip(segs, image if isinstance(image, (list, tuple)) else [image]): s.image = _u8(im)
+        for s, im in zip(segs, images): s.image = _u8(im)
     return segs if isinstance(image, (list, tuple)) else segs[0]
 
-@_patch_md
-def head(self:MaskDiffusion, cache:ProbeCache, classes:list, where:list, image:int=0)->Segmentation:
-    "The MaskDiffusion head on a probe's tensors (no UNet call)."
-    raw = class_attention(cache, where, self.attention_layers, self.attention_size, self.attention, image, normalize=False)
-    m = raw / raw.flatten(1).amax(1).clamp(min=1e-12)[:, None, None]
-    f = pixel_features(cache, self.feature_layers, self.feature_size, image)       # (D, h, w), unit pixels
-    w = F.interpolate(m[None], size=f.shape[-2:], mode="bilinear", align_corners=False)[0].clamp(min=0) ** self.weight_power
-    proto = torch.einsum("chw,dhw->cd", w, f) / w.flatten(1).sum(1).clamp(min=1e-12)[:, None]
-    if self.similarity == "cosine": proto = F.normalize(proto, dim=1)
-    scores = torch.einsum("cd,dhw->chw", proto, f)
-    present, up = None, upsample_scores(scores, cache, image)
-    if self.presence is not None:
-        present = (raw.flatten(1).amax(1) >= self.presence).tolist()
-        up[~torch.tensor(present)] = -math.inf          # after upsampling: interpolating -inf gives NaN
-    return Segmentation(scores_to_labels(up, classes, self.threshold), up, classes, m,
-                        _resized(cache.images[image], cache.image_hw[image]) if cache.images else None, present)
-
 # %% ../nbs/05_segment.ipynb #96903735
-def attention_argmax(model:DiffusionModel, image, classes, **options)->Segmentation:
+def attention_argmax_head(cache:ProbeCache, # a probe holding the config's attention layers
+                          classes:list, where:list, # class names; per class (prompt index, token positions)
+                          config:MaskDiffusionConfig, # attention_layers, attention_grid, attention, threshold are read
+                          image:int=0)->Segmentation:
+    "The attention-argmax baseline on a probe's tensors (no UNet call)."
+    _check_in_cache(cache, config.attention_layers, cache.attention_layers, "cross-attention")
+    m = class_attention(cache, where, config.attention_layers, config.attention_grid, config.attention, image)
+    up = upsample_scores(m, cache, image)
+    return Segmentation(scores_to_labels(up, classes, config.threshold), up, classes, m,
+                        _resized(cache.images[image], cache.image_hw[image]) if cache.images else None)
+
+def attention_argmax(model:DiffusionModel, image, classes,
+                     config:MaskDiffusionConfig|None=None, # MaskDiffusion's options (default: the model's)
+                     **overrides)->Segmentation:
     "Baseline: argmax over the classes' normalised attention maps (MaskDiffusion's options apply)."
-    seg = MaskDiffusion(model, **options)
-    classes = check_classes(classes)
-    cp = build_prompts(model.tokenizer, classes, model.max_length, seg.joiner, seg.template)
-    cache = _probe_for(seg, [image], cp.prompts, layers=False)
-    m = class_attention(cache, cp.where, seg.attention_layers, seg.attention_size, seg.attention)
-    up = upsample_scores(m, cache)
-    return Segmentation(scores_to_labels(up, classes, seg.threshold), up, classes, m, _u8(image))
+    c, classes = MaskDiffusionConfig.from_args(model, config, **overrides), check_classes(classes)
+    cp = build_prompts(model.tokenizer, classes, model.max_length, c.joiner, c.template)
+    cache = replace(c.capture_spec, layers=()).probe(model, [image], cp.prompts, c.batch_size)   # no features
+    seg = attention_argmax_head(cache, classes, cp.where, c)
+    seg.image = _u8(image)
+    return seg
 
 def oracle_segment(features:torch.Tensor, # (D, h, w) pixel features (L2-normalised inside)
                    gt_mask, # (H, W) int ground truth (255 = ignore)
@@ -313,38 +465,79 @@ def oracle_segment(features:torch.Tensor, # (D, h, w) pixel features (L2-normali
     return Segmentation(up.argmax(0), up, classes or [f"class {i}" for i in range(n)])
 
 # %% ../nbs/05_segment.ipynb #3cd30dba
+@dataclass(frozen=True, kw_only=True)
+class UnsupervisedConfig(MethodConfig):
+    "Unsupervised MaskDiffusion's options (METHOD.md section 4), frozen; `for_model(model)` fills the model's defaults."
+    feature_layers: tuple         # modules whose output (or input) are the pixel features
+    read: str = "output"          # read the feature layers' "output" or "input"
+    timestep: int = 0             # the noise timestep t of the UNet call
+    grid: int = 32                # side of the grid the pixels are clustered on
+    k: int|None = None            # segments per image, or None: the eigengap picks one in `k_range`
+    k_range: tuple = (2, 12)      # the eigengap's candidate k (inclusive)
+    knn: int|None = None          # kNN-sparse affinity with this many neighbours (None: automatic)
+    power: float = 1.0            # affinity W ** power
+    prompt: str = ""              # the prompt the UNet sees (empty: no class names)
+    seed: int = 0                 # seeds the noise and the clustering
+    keep_aspect: bool = False     # keep the image's aspect ratio (pad) instead of resizing to a square
+    image_size: int|None = None   # input size (default: the model's native size)
+    _layers = {"feature_layers": {}}
+
+    def __post_init__(self):
+        self._check_layers("feature_layers"); self._check_choice("read", ("output", "input"))
+        for n in ("timestep", "seed"): self._check_number(n, 0, integer=True)
+        self._check_number("grid", 1, integer=True)
+        for n in ("k", "knn", "image_size"): self._check_number(n, 1, integer=True, optional=True)
+        self._check_number("power", 0)
+        self._check_type("prompt", str); self._check_type("keep_aspect", bool)
+        r = self.k_range
+        if not (isinstance(r, (list, tuple)) and len(r) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in r)
+                and 1 <= r[0] <= r[1]):
+            raise ValueError(f"k_range={r!r}: pass (smallest, largest) k for the eigengap, e.g. (2, 12).")
+        self._set("k_range", tuple(r))
+
+    @property
+    def capture_spec(self)->CaptureSpec:
+        "The one UNet call it needs: the feature layers, nothing else."
+        return CaptureSpec(timesteps=(self.timestep,), layers=self.feature_layers, read=self.read, seed=self.seed,
+                           image_size=self.image_size, keep_aspect=self.keep_aspect)
+
+def unsupervised_head(cache:ProbeCache, # a probe holding the config's feature layers
+                      config:UnsupervisedConfig, # the options the head reads (layers, grid, k, clustering)
+                      image:int=0, # which image of the cache
+                     )->Segmentation:
+    "Unsupervised MaskDiffusion on a probe's features (no UNet call): spectral segments of one image."
+    from md_probe.clustering import spectral_clustering
+    c = config
+    _check_in_cache(cache, c.feature_layers, cache.layers, "features")
+    f = pixel_features(cache, c.feature_layers, c.grid, image)
+    D, h, w = f.shape
+    x = f.reshape(D, -1).T
+    lab = torch.as_tensor(spectral_clustering(x, c.k, knn=c.knn, seed=c.seed, k_range=c.k_range, power=c.power))
+    k = int(lab.max()) + 1
+    cent = F.normalize(torch.stack([x[lab == j].mean(0) for j in range(k)]), dim=1)
+    scores = upsample_scores((cent @ x.T).reshape(k, h, w), cache, image)
+    H, W = cache.image_hw[image]
+    labels = F.interpolate(lab.reshape(1, 1, h, w).float(), size=(H, W), mode="nearest")[0, 0].long()
+    return Segmentation(labels, scores, [f"segment {j}" for j in range(k)], None,
+                        _resized(cache.images[image], cache.image_hw[image]) if cache.images else None)
+
 class UnsupervisedMaskDiffusion:
     "Spectral clustering of the frozen UNet's pixel features: segments without class names."
-    def __init__(self, model:DiffusionModel, n_segments:int|None=None, # k, or None for the eigengap
-                 knn:int|None=None, # kNN-sparse affinity with this many neighbours (None: automatic)
-                 feature_layers=None, timestep:int|None=None, feature_size:int|None=None, feature_capture:str|None=None,
-                 prompt:str="", # the prompt the UNet sees (empty by default: no class names)
-                 k_range=(2, 12), power:float=1.0, seed:int=0, keep_aspect:bool=False, size:int|None=None):
-        d = model.defaults
-        self.model, self.n_segments, self.knn, self.prompt = model, n_segments, knn, prompt
-        self.feature_layers = resolve_layers(model, feature_layers or d.get("feature_layers", ()))
-        self.timestep = d.get("timestep", 0) if timestep is None else timestep
-        self.feature_size = feature_size or d.get("feature_size", 32)
-        self.feature_capture = feature_capture or d.get("feature_capture", "output")
-        self.k_range, self.power, self.seed, self.keep_aspect, self.size = k_range, power, seed, keep_aspect, size
+    def __init__(self, model:DiffusionModel, # the frozen model
+                 config:UnsupervisedConfig|None=None, # the options (default: `UnsupervisedConfig.for_model(model)`)
+                 **overrides, # options to change, e.g. k=3 (fields of `UnsupervisedConfig`)
+                ):
+        self.model, self.config = model, UnsupervisedConfig.from_args(model, config, **overrides)
+
+    def __repr__(self):
+        c = self.config
+        return (f"UnsupervisedMaskDiffusion({self.model.name}: features {list(c.feature_layers)} ({c.read}), "
+                f"t={c.timestep}, grid {c.grid}, k={'eigengap' if c.k is None else c.k})")
 
     def __call__(self, image)->Segmentation|list:
         "Segment `image` (or a list of images, batched) into unnamed segments."
-        from md_probe.clustering import spectral_clustering
-        imgs = image if isinstance(image, (list, tuple)) else [image]
-        cache = probe(self.model, imgs, self.prompt, timesteps=[self.timestep], layers=self.feature_layers,
-                      seed=self.seed, capture=self.feature_capture, keep_aspect=self.keep_aspect, size=self.size)
-        out = []
-        for i in range(len(imgs)):
-            f = pixel_features(cache, self.feature_layers, self.feature_size, i)
-            D, h, w = f.shape
-            x = f.reshape(D, -1).T
-            lab = torch.as_tensor(spectral_clustering(x, self.n_segments, knn=self.knn, seed=self.seed,
-                                                      k_range=self.k_range, power=self.power))
-            k = int(lab.max()) + 1
-            cent = F.normalize(torch.stack([x[lab == j].mean(0) for j in range(k)]), dim=1)
-            scores = upsample_scores((cent @ x.T).reshape(k, h, w), cache, i)
-            H, W = cache.image_hw[i]
-            labels = F.interpolate(lab.reshape(1, 1, h, w).float(), size=(H, W), mode="nearest")[0, 0].long()
-            out.append(Segmentation(labels, scores, [f"segment {j}" for j in range(k)], None, _u8(imgs[i])))
+        images = image if isinstance(image, (list, tuple)) else [image]
+        cache = self.config.capture_spec.probe(self.model, images, self.config.prompt)
+        out = [unsupervised_head(cache, self.config, i) for i in range(len(images))]
+        for s, im in zip(out, images): s.image = _u8(im)
         return out if isinstance(image, (list, tuple)) else out[0]

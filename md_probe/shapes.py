@@ -15,10 +15,10 @@ from .models import DiffusionModel, clip_bpe_tokenizer, tokenize_prompt
 from .probe import AttentionRecorder
 
 # %% auto #0
-__all__ = ['SHAPE_CLASSES', 'COLORS', 'SHAPES_WORDS', 'SHAPES_MAX_LENGTH', 'SHAPES_UNET', 'SHAPES_DEFAULTS', 'Scene',
-           'make_scene', 'make_scenes', 'shapes_tokenizer', 'LocalTextEncoder', 'build_shapes_model', 'save_shapes',
-           'read_record', 'load_shapes', 'shapes_model', 'shapes_generative_model', 'shapes_random_model',
-           'training_prompt', 'grounding_loss', 'train_shapes']
+__all__ = ['SHAPE_CLASSES', 'COLORS', 'SHAPES_WORDS', 'SHAPES_MAX_LENGTH', 'SHAPES_UNET', 'Scene', 'make_scene', 'make_scenes',
+           'shapes_tokenizer', 'LocalTextEncoder', 'build_shapes_model', 'save_shapes', 'read_record', 'load_shapes',
+           'shapes_model', 'shapes_generative_model', 'shapes_random_model', 'training_prompt', 'grounding_loss',
+           'train_shapes']
 
 # %% ../nbs/02_shapes.ipynb #21b89893
 SHAPE_CLASSES = ("background", "circle", "square", "triangle", "cross")
@@ -50,22 +50,22 @@ def _shape_mask(kind, cy, cx, r, yy, xx):
         return ((np.abs(dy) <= arm) & (np.abs(dx) <= r)) | ((np.abs(dx) <= arm) & (np.abs(dy) <= r))
     raise ValueError(kind)
 
-def make_scene(rng:np.random.Generator, size:int=32)->Scene:
+def make_scene(rng:np.random.Generator, image_size:int=32)->Scene:
     "One random scene drawn with `rng`."
     names = list(COLORS)
     bg = names[rng.integers(len(names))]
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    yy, xx = np.mgrid[0:image_size, 0:image_size].astype(np.float32)
     grad = rng.uniform(-40, 40, 2)
-    img = np.array(COLORS[bg], np.float32) + (grad[0] * (yy / size - .5) + grad[1] * (xx / size - .5))[..., None]
+    img = np.array(COLORS[bg], np.float32) + (grad[0] * (yy / image_size - .5) + grad[1] * (xx / image_size - .5))[..., None]
     img += rng.normal(0, 8, img.shape)
-    mask = np.zeros((size, size), np.int64)
+    mask = np.zeros((image_size, image_size), np.int64)
     n = int(rng.integers(1, 4))
     kinds = list(rng.choice(np.arange(1, len(SHAPE_CLASSES)), n, replace=False))
     colors, placed = {"background": bg}, []
     for k in kinds:
         for _ in range(50):  # rejection sampling of a free spot
-            r = rng.uniform(0.17, 0.28) * size
-            cy, cx = rng.uniform(r, size - r, 2)
+            r = rng.uniform(0.17, 0.28) * image_size
+            cy, cx = rng.uniform(r, image_size - r, 2)
             m = _shape_mask(SHAPE_CLASSES[k], cy, cx, r, yy, xx)
             if not (m & (mask > 0)).any() and m.sum() >= 6: break
         else: continue
@@ -78,10 +78,10 @@ def make_scene(rng:np.random.Generator, size:int=32)->Scene:
 
 def make_scenes(n:int, # number of scenes
                 seed:int=0, # scenes depend only on (seed, index): make_scenes(5, s)[:3] == make_scenes(3, s)
-                size:int=32, # image side in pixels
+                image_size:int=32, # image side in pixels
                )->list:
     "`n` scenes, reproducible from `seed`."
-    return [make_scene(np.random.default_rng([seed, i]), size) for i in range(n)]
+    return [make_scene(np.random.default_rng([seed, i]), image_size) for i in range(n)]
 
 # %% ../nbs/02_shapes.ipynb #98444c21
 SHAPES_WORDS = tuple(SHAPE_CLASSES) + tuple(COLORS) + ("and", "on", "a", "with", "the")
@@ -116,11 +116,6 @@ SHAPES_UNET = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_blo
                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
 
-SHAPES_DEFAULTS = dict(  # METHOD.md's head mapped onto this UNet: the last resnet of the two finest decoder levels
-    feature_layers=("up_blocks.1.resnets.1", "up_blocks.2.resnets.1"), feature_capture="input",
-    attention_layers=("mid_block.attentions.*.attn2", "up_blocks.*.attentions.*.attn2"),
-    attention_size=16, feature_size=16, timestep=50)  # METHOD.md's 32x32 grid is half the 64x64 latent of SD: 16 here
-
 def _shapes_scheduler():
     from diffusers import DDPMScheduler
     return DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
@@ -133,8 +128,7 @@ def build_shapes_model(seed:int=0)->DiffusionModel:
         torch.manual_seed(seed); unet = UNet2DConditionModel(**SHAPES_UNET)
         torch.manual_seed(seed + 1); text = LocalTextEncoder(len(tok))
     return DiffusionModel(unet.eval(), text.eval(), tok, _shapes_scheduler(), None, name="shapes-random",
-                          image_size=32, max_length=SHAPES_MAX_LENGTH, pass_attention_mask=True,
-                          defaults=dict(SHAPES_DEFAULTS))
+                          image_size=32, max_length=SHAPES_MAX_LENGTH, pass_attention_mask=True, family="shapes")
 
 # %% ../nbs/02_shapes.ipynb #78fee829
 def save_shapes(model:DiffusionModel, path, record:dict|None=None):
@@ -311,7 +305,8 @@ def train_shapes(out, # output folder: state.pt (resumable), loss.csv, shapes.sa
     log.close()
     unet.set_attn_processor(original)
     model.unet.eval(); model.text_encoder.eval()
-    record = dict(command=f"md-probe train-shapes --out {out} --steps {steps} --seed {seed} --batch-size {batch_size} "
+    # the folder's name only: a record never names a path of the machine it was made on
+    record = dict(command=f"md-probe train-shapes --out {out.resolve().name} --steps {steps} --seed {seed} --batch-size {batch_size} "
                           f"--lr {lr} --grounding {grounding}", steps=steps, seed=seed, batch_size=batch_size, lr=lr,
                   grounding=grounding, max_grounding_t=max_grounding_t, warmup=warmup, threads=threads,
                   torch=torch.__version__)

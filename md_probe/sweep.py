@@ -13,10 +13,11 @@ from .models import DiffusionModel
 from .probe import probe, ProbeCache, resolve_layers
 from .shapes import Scene, SHAPE_CLASSES
 from .clustering import cluster_feature_map, kmeans, spectral_clustering
-from .metrics import ConfusionAccumulator
+from .metrics import ConfusionAccumulator, PROTOCOLS
+from .utils import progress as progress_bar
 
 # %% auto #0
-__all__ = ['METHODS', 'PROTOCOLS', 'as_items', 'dataset_classes', 'model_fingerprint', 'feature_key', 'image_features',
+__all__ = ['SWEEP_METHODS', 'as_items', 'dataset_classes', 'model_fingerprint', 'feature_key', 'image_features', 'default_grid',
            'cluster_image', 'sweep', 'sweep_grid', 'sweep_figure']
 
 # %% ../nbs/04b_sweep.ipynb #e4a89657
@@ -57,11 +58,12 @@ def dataset_classes(items:_Items, # from `as_items`
 # %% ../nbs/04b_sweep.ipynb #cb5f93d5
 def model_fingerprint(model:DiffusionModel, # the model whose weights are summarised
                      )->str: # 16 hex digits
-    "A short hash of the model's name, config and a strided sample of every weight tensor (UNet, text encoder, VAE)."
+    "A short hash of the model's name, configs and a strided sample of every weight tensor (UNet, text encoder, VAE)."
     h = hashlib.sha1(model.name.encode())
     for part in (model.unet, model.text_encoder, model.vae):
         if part is None: continue
-        h.update(json.dumps(dict(getattr(part, "config", {}) or {}), sort_keys=True, default=str).encode())
+        config = {k: v for k, v in dict(getattr(part, "config", {}) or {}).items() if not k.startswith("_")}
+        h.update(json.dumps(config, sort_keys=True, default=str).encode())
         for k, v in part.state_dict().items():
             flat = v.detach().reshape(-1)
             h.update(k.encode()); h.update(flat[:: max(1, flat.numel() // 64)][:64].float().cpu().numpy().tobytes())
@@ -74,10 +76,10 @@ def _image_bytes(image)->bytes:
 
 def feature_key(fingerprint:str, # `model_fingerprint(model)`
                 image, # the image (PIL, array or tensor)
-                prompt:str="", seed:int=0, capture:str="output")->str: # 24 hex digits
-    "The cache key of one image's features: weights, pixels, prompt, noise seed, capture mode."
+                prompt:str="", seed:int=0, read:str="output")->str: # 24 hex digits
+    "The cache key of one image's features: weights, pixels, prompt, noise seed, and whether layer outputs or inputs are read."
     h = hashlib.sha1(fingerprint.encode()); h.update(_image_bytes(image))
-    h.update(json.dumps([prompt, seed, capture]).encode())
+    h.update(json.dumps([prompt, seed, read]).encode())
     return h.hexdigest()[:24]
 
 # %% ../nbs/04b_sweep.ipynb #861545f5
@@ -87,7 +89,7 @@ def image_features(model:DiffusionModel, # the model (left as it was)
                    timesteps:list, # scheduler timesteps, all in one UNet call
                    prompt:str="", # what the UNet is told (empty: no class names)
                    seed:int=0, # seeds the noise
-                   capture:str="output", # "output" or "input" of the layers
+                   read:str="output", # read the layers' "output" or "input"
                    cache_dir=None, # folder of per-image ProbeCache files, or None
                    fingerprint:str|None=None, # `model_fingerprint(model)`, computed if None
                   )->ProbeCache: # features of `layers` at `timesteps` (and possibly more, from the cache)
@@ -95,25 +97,29 @@ def image_features(model:DiffusionModel, # the model (left as it was)
     layers, timesteps = list(layers), [int(t) for t in timesteps]
     path = None
     if cache_dir is not None:
-        key = feature_key(fingerprint or model_fingerprint(model), image, prompt, seed, capture)
+        key = feature_key(fingerprint or model_fingerprint(model), image, prompt, seed, read)
         path = Path(cache_dir) / f"{key}.safetensors"
         if path.is_file():
             cached = ProbeCache.load(path)
             if set(layers) <= set(cached.layers) and set(timesteps) <= set(cached.timesteps): return cached
             layers = list(dict.fromkeys(cached.layers + layers))          # probe the union: the file only grows
             timesteps = sorted(set(cached.timesteps) | set(timesteps))
-    cache = probe(model, image, prompt, timesteps=timesteps, layers=layers, seed=seed, capture=capture)
+    cache = probe(model, image, prompt, timesteps=timesteps, layers=layers, seed=seed, capture=read)
     if path is not None: cache.save(path)
     return cache
 
 # %% ../nbs/04b_sweep.ipynb #2d45c377
-METHODS = ("kmeans", "spectral")
+SWEEP_METHODS = ("kmeans", "spectral")
 
-def _grid(fmap:torch.Tensor, size)->torch.Tensor:
+def default_grid(model:DiffusionModel)->int:
+    "Side of the grid `model`'s features are compared on: half its latent side at the native size, at most 32."
+    return max(1, min(32, model.image_size // model.vae_scale // 2))
+
+def _grid(fmap:torch.Tensor, grid)->torch.Tensor:
     "(C, h, w) -> (C, s, s) bilinear, float32."
-    size = (size, size) if isinstance(size, int) else tuple(size)
+    grid = (grid, grid) if isinstance(grid, int) else tuple(grid)
     f = fmap.float()
-    return f if tuple(f.shape[-2:]) == size else F.interpolate(f[None], size=size, mode="bilinear", align_corners=False)[0]
+    return f if tuple(f.shape[-2:]) == grid else F.interpolate(f[None], size=grid, mode="bilinear", align_corners=False)[0]
 
 def _to_hw(labels:torch.Tensor, hw)->np.ndarray:
     "(s, s) labels -> (H, W) int64 numpy, nearest neighbour."
@@ -124,23 +130,23 @@ def _to_hw(labels:torch.Tensor, hw)->np.ndarray:
 def cluster_image(fmap, # (C, h, w) feature map (torch or numpy)
                   k:int|None, # clusters (spectral: None = eigengap)
                   method:str="kmeans", # "kmeans" or "spectral"
-                  out_hw=None, # (H, W) of the returned labels (default: the `size` grid)
-                  size:int|tuple=32, # grid the features are resized to before clustering
+                  out_hw=None, # (H, W) of the returned labels (default: the grid)
+                  grid:int|tuple=32, # grid the features are resized to before clustering
                   seed:int=0, # seed of the clustering
                   **kw, # more options of `kmeans` / `spectral_clustering` (n_init, knn, k_range, power, ...)
                  )->np.ndarray: # (H, W) int64 cluster ids
     "Cluster one feature map's pixels into an `(H, W)` label map."
-    if method not in METHODS: raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
-    f = _grid(torch.as_tensor(np.asarray(fmap)) if not isinstance(fmap, torch.Tensor) else fmap, size)
+    if method not in SWEEP_METHODS: raise ValueError(f"unknown method {method!r}: use one of {SWEEP_METHODS}")
+    f = _grid(torch.as_tensor(np.asarray(fmap)) if not isinstance(fmap, torch.Tensor) else fmap, grid)
     lab = cluster_feature_map(f, k, method, seed=seed, **kw)
     return _to_hw(lab, out_hw or lab.shape)
 
 # %% ../nbs/04b_sweep.ipynb #ed241078
-PROTOCOLS = ("per_image", "dataset")
+_MATCHING = tuple(p for p in PROTOCOLS if p != "supervised")   # clusters have no names: they must be matched
 
 def _check_sweep_args(method, protocol, k):
-    if method not in METHODS: raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
-    if protocol not in PROTOCOLS:
+    if method not in SWEEP_METHODS: raise ValueError(f"unknown method {method!r}: use one of {SWEEP_METHODS}")
+    if protocol not in _MATCHING:
         raise ValueError(f"unknown protocol {protocol!r}: use 'per_image' (DiffSeg: Hungarian per image) or "
                          "'dataset' (STEGO/PiCIE: one matching over the set)")
     if isinstance(k, str) and k != "gt": raise ValueError(f"k={k!r}: pass an int, 'gt' (ground-truth class count) or None (spectral eigengap)")
@@ -166,11 +172,6 @@ def _row(scores, classes, **info)->dict:
     row.update({f"iou_{c}": float(v) for c, v in zip(classes, scores.per_class)})
     return row
 
-def _bar(it, progress, **kw):
-    if not progress: return it
-    from tqdm.auto import tqdm
-    return tqdm(it, **kw)
-
 def sweep(model:DiffusionModel, # the diffusion model (left as it was)
           scenes, # Scenes, (image, mask[, name]) tuples, or a dataset with ds[i] -> (image, mask, name)
           layers, # module names or globs (see `list_layers(model)`)
@@ -178,8 +179,8 @@ def sweep(model:DiffusionModel, # the diffusion model (left as it was)
           method:str="kmeans", # "kmeans" or "spectral"
           k="gt", # int, "gt" (per image: classes present; dataset: dataset classes), or None (spectral: eigengap)
           protocol:str="per_image", # "per_image" (DiffSeg) or "dataset" (STEGO/PiCIE)
-          size:int|tuple|None=None, # feature grid for clustering (default: `model.defaults['feature_size']`, else 32)
-          capture:str="output", # read the layers' "output" or "input"
+          grid:int|tuple|None=None, # feature grid for clustering (default: `default_grid(model)`, the segmenters' grid)
+          read:str="output", # read the layers' "output" or "input"
           prompt:str="", # prompt the UNet sees
           seed:int=0, # seeds the noise and the clustering
           cache_dir=None, # keep per-image features here; a re-run with another k/method/protocol makes no UNet call
@@ -197,38 +198,38 @@ def sweep(model:DiffusionModel, # the diffusion model (left as it was)
     ts = sorted({int(t) for t in ([timesteps] if isinstance(timesteps, int) else timesteps)})
     classes = dataset_classes(items, classes, ignore_index)
     C = len(classes)
-    size = size or model.defaults.get("feature_size", 32)
-    grid = (size, size) if isinstance(size, int) else tuple(size)
+    grid = grid or default_grid(model)
+    hw_grid = (grid, grid) if isinstance(grid, int) else tuple(grid)
     fp = model_fingerprint(model) if cache_dir is not None else None
     kd = C if k == "gt" else k                                   # the dataset protocol's k
     cells = [(l, t) for l in names for t in ts]
     accs = {c: ConfusionAccumulator(C, protocol, ignore_index, num_preds=kd if protocol == "dataset" else None) for c in cells}
     used = {c: [] for c in cells}
     pool, gts = {c: [] for c in cells}, []
-    for image, mask, _ in _bar(items, progress, desc=f"sweep {model.name}", unit="image", total=len(items)):
-        cache = image_features(model, image, names, ts, prompt, seed, capture, cache_dir, fp)
+    for image, mask, _ in progress_bar(items, disable=not progress, desc=f"sweep {model.name}", unit="image", total=len(items)):
+        cache = image_features(model, image, names, ts, prompt, seed, read, cache_dir, fp)
         hw = np.asarray(mask).shape
         for l, t in cells:
             fmap = cache.features(l, t=t)
             if protocol == "per_image":
-                lab = cluster_image(fmap, _k_of(k, mask, ignore_index), method, hw, size, seed, **cluster_kw)
+                lab = cluster_image(fmap, _k_of(k, mask, ignore_index), method, hw, grid, seed, **cluster_kw)
                 accs[l, t].update(lab, mask); used[l, t].append(int(lab.max()) + 1)
             else:
-                g = _grid(fmap, size)
+                g = _grid(fmap, grid)
                 pool[l, t].append(F.normalize(g.reshape(g.shape[0], -1).T, dim=1))
         if protocol == "dataset": gts.append(np.asarray(mask))
     if protocol == "dataset":
-        for l, t in _bar(cells, progress, desc="cluster pooled features", unit="cell"):
+        for l, t in progress_bar(cells, disable=not progress, desc="cluster pooled features", unit="cell"):
             x = torch.cat(pool.pop((l, t)))
             lab = (kmeans(x, kd, seed=seed, **cluster_kw) if method == "kmeans"
                    else spectral_clustering(x, kd, seed=seed, **cluster_kw))
-            lab = torch.as_tensor(lab).reshape(len(gts), *grid)
+            lab = torch.as_tensor(lab).reshape(len(gts), *hw_grid)
             for li, gt in zip(lab, gts): accs[l, t].update(_to_hw(li, gt.shape), gt)
             used[l, t] = [int(lab.max()) + 1]
     rows = [_row(accs[c].scores(), classes, model=model.name, layer=c[0], timestep=c[1], method=method,
                  protocol=protocol, k=float(np.mean(used[c])), n_images=len(items)) for c in cells]
     df = pd.DataFrame(rows)
-    df.attrs.update(model=model.name, method=method, protocol=protocol, k=k, capture=capture, size=size, prompt=prompt)
+    df.attrs.update(model=model.name, method=method, protocol=protocol, k=k, read=read, grid=grid, prompt=prompt, seed=seed)
     return df
 
 # %% ../nbs/04b_sweep.ipynb #748a820b

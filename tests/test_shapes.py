@@ -2,8 +2,7 @@
 import json, numpy as np, pytest, torch
 from md_probe.models import load_model
 from md_probe.shapes import train_shapes, load_shapes, read_record, make_scenes, SHAPE_CLASSES, training_prompt, Scene
-from md_probe.segment import MaskDiffusion, attention_argmax, UnsupervisedMaskDiffusion, build_prompts, class_attention, \
-    upsample_scores, _probe_for
+from md_probe.segment import MaskDiffusion, attention_argmax, UnsupervisedMaskDiffusion
 from md_probe.metrics import confusion_matrix, miou, score_per_image
 
 def _losses(path): return [float(l.split(",")[1]) for l in (path / "loss.csv").read_text().splitlines()[1:]]
@@ -70,6 +69,16 @@ def test_shipped_checkpoint_is_the_final_one():
     rec = read_record(pathlib.Path(md_probe.__file__).parent / "assets" / "shapes.safetensors")
     assert rec.get("command", "").startswith("md-probe train-shapes") and "metrics" in rec, rec
 
+def test_shipped_records_name_no_path_of_a_machine():
+    "The record in each shipped checkpoint, and the .json copy beside it, name the output folder, not its path."
+    import md_probe, pathlib
+    assets = pathlib.Path(md_probe.__file__).parent / "assets"
+    for stem in ("shapes", "shapes-generative"):
+        rec = read_record(assets / f"{stem}.safetensors")
+        assert rec == json.loads((assets / f"{stem}.json").read_text())
+        out = rec["command"].split("--out ")[1].split()[0]
+        assert out and not any(c in out for c in "/\\:~"), rec["command"]
+
 def test_maskdiffusion_reaches_target(scores): assert scores[("maskdiffusion", "trained")] >= 0.60, scores
 
 def test_attention_argmax_reaches_target(scores): assert scores[("argmax", "trained")] >= 0.50, scores
@@ -83,7 +92,7 @@ def test_random_weights_are_a_real_control(scores):
 def test_unsupervised_beats_random_weights():
     scenes = make_scenes(60, seed=SEED)
     def score(model):
-        um = lambda s: UnsupervisedMaskDiffusion(model, n_segments=len(s.classes))(s.image).labels.numpy()
+        um = lambda s: UnsupervisedMaskDiffusion(model, k=len(s.classes))(s.image).labels.numpy()
         return score_per_image([um(s) for s in scenes], [s.mask for s in scenes], 5).miou
     trained, rand = score(load_model("shapes")), score(load_model("shapes-random"))
     assert trained >= rand + 0.15, (trained, rand)

@@ -66,18 +66,28 @@ def test_cache_misses_on_other_weights_and_grows_on_new_layers(shapes, scenes, t
     assert c.n == 2                                              # probed once for the union, then read
     assert len(list(tmp_path.glob("*.safetensors"))) == 4        # 2 images x 2 models
 
-def test_capture_mode_and_seed_are_part_of_the_key(shapes, scenes, tmp_path):
+def test_read_and_seed_are_part_of_the_key(shapes, scenes, tmp_path):
     img = scenes[0].image
     a = image_features(shapes, img, ["up_blocks.2.resnets.1"], [50], cache_dir=tmp_path)
-    b = image_features(shapes, img, ["up_blocks.2.resnets.1"], [50], capture="input", cache_dir=tmp_path)
+    b = image_features(shapes, img, ["up_blocks.2.resnets.1"], [50], read="input", cache_dir=tmp_path)
     c = image_features(shapes, img, ["up_blocks.2.resnets.1"], [50], seed=1, cache_dir=tmp_path)
     assert a.features("up_blocks.2.resnets.1", t=50).shape[0] == 32 and b.features("up_blocks.2.resnets.1", t=50).shape[0] == 64
     assert not torch.equal(a.features("up_blocks.2.resnets.1", t=50), c.features("up_blocks.2.resnets.1", t=50))
     assert len(list(tmp_path.glob("*.safetensors"))) == 3
 
+def test_fingerprint_is_the_same_in_every_process():
+    "A disk cache serves a later session only if the key does not depend on the process (hash seeds, set order)."
+    import os, subprocess, sys
+    code = ("import torch; torch.set_num_threads(1)\nfrom md_probe.models import load_model\n"
+            "from md_probe.sweep import model_fingerprint\nprint(model_fingerprint(load_model('shapes')))")
+    run = lambda seed: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                                      env={**os.environ, "PYTHONHASHSEED": str(seed), "HF_HUB_OFFLINE": "1"}).stdout.strip()
+    a, b = run(1), run(2)
+    assert a and a == b == model_fingerprint(load_model("shapes")), (a, b)
+
 # ---------- the numbers ----------
 def test_a_cell_equals_clustering_and_scoring_by_hand(shapes, scenes):
-    df = sweep(shapes, scenes, LAYERS, [0, 200], size=32, progress=False)
+    df = sweep(shapes, scenes, LAYERS, [0, 200], grid=32, progress=False)
     for layer, t in [("down_blocks.0", 0), ("up_blocks.1", 200)]:
         feats = [probe(shapes, s.image, "", timesteps=[0, 200], layers=[layer]).features(layer, t=t) for s in scenes]
         labs = [cluster_image(f, len(s.classes), out_hw=s.mask.shape) for f, s in zip(feats, scenes)]
@@ -86,19 +96,21 @@ def test_a_cell_equals_clustering_and_scoring_by_hand(shapes, scenes):
         assert row.miou == pytest.approx(want.miou, abs=1e-12) and row.pixel_accuracy == pytest.approx(want.pixel_accuracy)
         np.testing.assert_allclose(row[[f"iou_{c}" for c in SHAPE_CLASSES]].to_numpy(float), want.per_class, equal_nan=True)
     # dataset protocol: k-means over pooled, normalised 32x32 features, one matching
-    dd = sweep(shapes, scenes, ["mid_block"], [0], protocol="dataset", size=32, progress=False)
+    dd = sweep(shapes, scenes, ["mid_block"], [0], protocol="dataset", grid=32, progress=False)
     f = [F.interpolate(probe(shapes, s.image, "", timesteps=[0], layers=["mid_block"]).features("mid_block")[None], 32,
                        mode="bilinear", align_corners=False)[0] for s in scenes]
     x = torch.cat([F.normalize(g.reshape(g.shape[0], -1).T, dim=1) for g in f])
     lab = kmeans(x, 5).reshape(len(scenes), 32, 32).numpy()
     assert dd.miou.iloc[0] == pytest.approx(score_dataset(list(lab), [s.mask for s in scenes], 5, num_preds=5).miou, abs=1e-12)
 
-def test_default_grid_is_the_models_feature_size(shapes, scenes):
-    g = shapes.defaults["feature_size"]
+def test_default_grid_is_the_segmenters_grid(shapes, scenes):
+    from md_probe.segment import MaskDiffusionConfig
+    g = MaskDiffusionConfig.for_model(shapes).grid                 # a sweep scores features as MaskDiffusion sees them
+    assert g == 16                                                  # half the shapes model's 32x32 input
     df = sweep(shapes, scenes[:2], ["up_blocks.1"], [0], progress=False)
-    assert df.attrs["size"] == g
+    assert df.attrs["grid"] == g
     feats = [probe(shapes, s.image, "", layers=["up_blocks.1"]).features("up_blocks.1") for s in scenes[:2]]
-    labs = [cluster_image(f, len(s.classes), out_hw=s.mask.shape, size=g) for f, s in zip(feats, scenes[:2])]
+    labs = [cluster_image(f, len(s.classes), out_hw=s.mask.shape, grid=g) for f, s in zip(feats, scenes[:2])]
     assert df.miou.iloc[0] == pytest.approx(score_per_image(labs, [s.mask for s in scenes[:2]], 5).miou, abs=1e-12)
 
 def test_per_image_gt_k_counts_classes_present(shapes, scenes):
@@ -130,7 +142,8 @@ def test_inputs_scenes_pairs_and_dataset_agree(shapes, scenes):
 
 def test_errors_say_what_to_pass(shapes, scenes):
     for kw, msg in [(dict(k=None), "k-means needs k"), (dict(protocol="stego"), "'dataset' (STEGO/PiCIE"),
-                    (dict(k="auto"), "'gt'"), (dict(method="gmm"), "use one of"), (dict(k=0), "at least 1")]:
+                    (dict(k="auto"), "'gt'"), (dict(method="gmm"), "use one of"), (dict(k=0), "at least 1"),
+                    (dict(protocol="supervised"), "'dataset' (STEGO/PiCIE")]:
         with pytest.raises(ValueError, match=msg.replace("(", r"\(")): sweep(shapes, scenes, ["mid_block"], **kw, progress=False)
     with pytest.raises(KeyError, match="Nearest names"): sweep(shapes, scenes, ["mid_blok"], progress=False)
     with pytest.raises(ValueError, match="at least one"): sweep(shapes, [], ["mid_block"], progress=False)
