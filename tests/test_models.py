@@ -25,7 +25,8 @@ def test_pipeline_folder_loads(tmp_path):
     m2 = load_model(str(tmp_path))
     a = probe(m, IMG, "a cat", layers="up_blocks.1").features("up_blocks.1")
     b = probe(m2, IMG, "a cat", layers="up_blocks.1").features("up_blocks.1")
-    assert torch.allclose(a, b, atol=1e-6)
+    # same weights, same inputs; a reloaded module may pick other fp32 kernels (measured: 1.4e-6 on values ~0.4)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 def test_sd2_v_prediction_folder_loads(tmp_path):
     "SD 2.x: linear projections, per-level head dims, a v-prediction scheduler; probing only noises, so it just works."
