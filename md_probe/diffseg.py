@@ -159,6 +159,9 @@ class DiffSeg:
                  config:DiffSegConfig|None=None, # the options (default: `DiffSegConfig.for_model(model)`)
                  **overrides, # fields of `DiffSegConfig` to change (`tau=0.9`, ...)
                 ):
+        if config is not None and not isinstance(config, DiffSegConfig):
+            raise TypeError(f"config is a {type(config).__name__}, not a DiffSegConfig: build one with DiffSegConfig.for_model(model, ...).")
+        overrides = {k: v for k, v in overrides.items() if v is not None}   # None keeps the value, as in segment's configs
         self.model = model
         self.config = replace(config, **overrides) if config is not None else DiffSegConfig.for_model(model, **overrides)
         self.layers = resolve_layers(model, "*attn1")

@@ -94,10 +94,14 @@ def _preparer(model:DiffusionModel, image_size:int|None, keep_aspect:bool)->func
     "`model.prepare_image(image, image_size, keep_aspect)` as a picklable function of the image (for DataLoader workers)."
     return functools.partial(_prepare_image, image_size=image_size or model.image_size, stride=model.stride, keep_aspect=keep_aspect)
 
-def _config_data(seg)->dict:
-    "The segmenter's options as plain data, what run.json records: `dataclasses.asdict(seg.config)`."
-    if hasattr(seg, "config"): return dataclasses.asdict(seg.config)
-    return {k: v for k, v in vars(seg).items() if k != "model"}   # segmenters without a config yet: their options
+_CONFIG_NAMES = {"feature_size": "grid", "attention_size": "attention_grid", "feature_capture": "read", "size": "image_size",
+                 "n_segments": "k"}
+
+def _config(seg):
+    "The segmenter's options: its frozen config (`seg.config`)."
+    if hasattr(seg, "config"): return seg.config
+    # segment's segmenters before their configs (issue 15): their option attributes, under the configs' names
+    return SimpleNamespace(**{_CONFIG_NAMES.get(k, k): v for k, v in vars(seg).items() if k != "model"})
 
 class EvalMethod:
     "A segmenter as the runner drives it: what one batched UNet call captures, and a head per image."
@@ -116,11 +120,14 @@ class EvalMethod:
 
     def prepare(self)->functools.partial:
         "What a DataLoader worker runs on each image: the model's `prepare_image` at the segmenter's input size."
-        raise NotImplementedError
+        c = _config(self.seg)
+        return _preparer(self.model, c.image_size, c.keep_aspect)
 
     def spec(self)->dict:
         "What a resumed run must share with the first (run.json): method, its options, the segmenter's config, model, dtype."
-        spec = dict(method=self.name, options=self.given, config=_config_data(self.seg), model=self.model.name, dtype=str(self.model.dtype))
+        c = _config(self.seg)
+        config = dataclasses.asdict(c) if dataclasses.is_dataclass(c) else vars(c)
+        spec = dict(method=self.name, options=self.given, config=config, model=self.model.name, dtype=str(self.model.dtype))
         return json.loads(json.dumps(spec))                  # as read back from run.json (tuples are lists there)
 
     def plan(self, classes:list, ids:tuple):
@@ -160,15 +167,14 @@ class MaskDiffusionEval(EvalMethod):
         self.prompt_classes = prompt_classes
 
     def unet_call(self):
-        s = self.seg
-        return dict(timestep=s.timestep, seed=s.seed, layers=s.feature_layers, cross_attention=s.attention_layers,
-                    read=s.feature_capture, with_lse=s.attention == "exp_logits")
-
-    def prepare(self): return _preparer(self.model, self.seg.size, self.seg.keep_aspect)
+        c = _config(self.seg)
+        return dict(timestep=c.timestep, seed=c.seed, layers=c.feature_layers, cross_attention=c.attention_layers,
+                    read=c.read, with_lse=c.attention == "exp_logits")
 
     def plan(self, classes, ids):
         names = [classes[i] for i in ids]
-        cp = build_prompts(self.model.tokenizer, names, self.model.max_length, self.seg.joiner, self.seg.template)
+        c = _config(self.seg)
+        cp = build_prompts(self.model.tokenizer, names, self.model.max_length, c.joiner, c.template)
         lut = torch.full((256,), 255, dtype=torch.long)
         lut[:len(ids)] = torch.tensor(ids)
         return cp.prompts, (names, cp.where, lut)
@@ -185,23 +191,24 @@ class AttentionArgmaxEval(MaskDiffusionEval):
     name, title = "attention", "attention argmax"
     def unet_call(self): return {**super().unet_call(), "layers": ()}
     def labels(self, cache, names, where):
-        s = self.seg
-        m = class_attention(cache, where, s.attention_layers, s.attention_size, s.attention)
-        return scores_to_labels(upsample_scores(m, cache), names, s.threshold)
+        c = _config(self.seg)
+        m = class_attention(cache, where, c.attention_layers, c.attention_grid, c.attention)
+        return scores_to_labels(upsample_scores(m, cache), names, c.threshold)
 
 class OracleEval(MaskDiffusionEval):
     "The oracle analysis: representatives from the ground truth on MaskDiffusion's features (`segment.oracle_segment`)."
     name, title = "oracle", "oracle"
     def unet_call(self): return {**super().unet_call(), "cross_attention": ()}
     def head(self, cache, plan, item, store, i):
-        f = pixel_features(cache, self.seg.feature_layers, self.seg.feature_size)
+        c = _config(self.seg)
+        f = pixel_features(cache, c.feature_layers, c.grid)
         # oracle_segment reads the gt as numpy: it runs on the CPU copy (features are a small (D, 32, 32) map)
-        return oracle_segment(f.cpu(), item["mask"], similarity=self.seg.similarity).labels.to(self.model.device)
+        return oracle_segment(f.cpu(), item["mask"], similarity=c.similarity).labels.to(self.model.device)
 
 # %% ../nbs/07_evaluate.ipynb #c30112ba
-def _segments_from_features(cache:ProbeCache, seg:UnsupervisedMaskDiffusion, cluster)->torch.Tensor:
+def _segments_from_features(cache:ProbeCache, config, cluster)->torch.Tensor:
     "Cluster the pixel features of one image's cache; labels upsampled (nearest) to the image, as `UnsupervisedMaskDiffusion`."
-    f = pixel_features(cache, seg.feature_layers, seg.feature_size)
+    f = pixel_features(cache, config.feature_layers, config.grid)
     D, h, w = f.shape
     lab = torch.as_tensor(cluster(f.reshape(D, -1).T)).to(f.device)
     return F.interpolate(lab.reshape(1, 1, h, w).float(), size=tuple(cache.image_hw[0]), mode="nearest")[0, 0].long()
@@ -220,20 +227,18 @@ class UnsupervisedEval(EvalMethod):
         self.k = k
 
     def unet_call(self):
-        s = self.seg
-        return dict(timestep=s.timestep, seed=s.seed, layers=s.feature_layers, read=s.feature_capture)
+        c = _config(self.seg)
+        return dict(timestep=c.timestep, seed=c.seed, layers=c.feature_layers, read=c.read)
 
-    def prepare(self): return _preparer(self.model, self.seg.size, self.seg.keep_aspect)
-
-    def plan(self, classes, ids): return [self.seg.prompt], None
+    def plan(self, classes, ids): return [_config(self.seg).prompt], None
 
     def cluster(self, x, k):
         from md_probe.clustering import spectral_clustering
-        s = self.seg
-        return spectral_clustering(x, k, knn=s.knn, seed=s.seed, k_range=s.k_range, power=s.power)
+        c = _config(self.seg)
+        return spectral_clustering(x, k, knn=c.knn, seed=c.seed, k_range=c.k_range, power=c.power)
 
     def head(self, cache, plan, item, store, i):
-        return _segments_from_features(cache, self.seg, lambda x: self.cluster(x, _resolve_k(self.k, item)))
+        return _segments_from_features(cache, _config(self.seg), lambda x: self.cluster(x, _resolve_k(self.k, item)))
 
 class KMeansEval(UnsupervisedEval):
     "k-means on the UNet's L2-normalised pixel features of each image (`METHOD.md` section 5)."
@@ -244,7 +249,7 @@ class KMeansEval(UnsupervisedEval):
         super().__init__(model, k, **options)
     def cluster(self, x, k):
         from md_probe.clustering import kmeans
-        return kmeans(x, min(k, len(x)), seed=self.seg.seed)
+        return kmeans(x, min(k, len(x)), seed=_config(self.seg).seed)
 
 class DiffSegEval(EvalMethod):
     "DiffSeg (`diffseg.DiffSeg`) on each image of a batch: one UNet pass, self-attention aggregated on the fly."
@@ -254,7 +259,6 @@ class DiffSegEval(EvalMethod):
     def unet_call(self):
         c = self.seg.config
         return dict(timestep=c.timestep, seed=c.seed, noise=c.noise, self_attention=self.seg.layers)
-    def prepare(self): return _preparer(self.model, self.seg.config.image_size, self.seg.config.keep_aspect)
     def store(self, pixel_hw): return self.seg.store(pixel_hw)
     def head(self, cache, plan, item, store, i): return self.seg.head(store.maps[i], cache).labels
 
