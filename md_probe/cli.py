@@ -7,10 +7,17 @@ from __future__ import annotations
 import sys, os, json, argparse
 from pathlib import Path
 import numpy as np
+import torch
+from fastcore.imports import in_ipython
+from .utils import progress, write_text_atomic
+from .metrics import PROTOCOLS
+from .diffseg import DIFFSEG_SHAPES_TAU
+from .evaluate import EVAL_METHODS, evaluate, make_method, method_key, process_state
+from .reproduce import DEFAULT_SD, REPRODUCE_DATASETS, REPRODUCE_METHODS, reproduce_rows, reproduce_table, shapes_report
 
 # %% auto #0
 __all__ = ['UsageError', 'cmd_segment', 'cmd_layers', 'cmd_probe', 'save_word_heatmaps', 'cmd_train_shapes', 'cmd_shapes_report',
-           'build_parser', 'main']
+           'add_eval_args', 'cmd_eval', 'add_reproduce_args', 'cmd_reproduce', 'build_parser', 'main']
 
 # %% ../nbs/10_cli.ipynb #2b69a3e7
 class UsageError(Exception):
@@ -45,7 +52,6 @@ def _model(args):
 
 # %% ../nbs/10_cli.ipynb #7de3b71f
 def cmd_segment(args)->int:
-    from tqdm.auto import tqdm
     from md_probe.segment import MaskDiffusion, UnsupervisedMaskDiffusion, check_classes
     if args.unsupervised is None and not args.classes:
         raise UsageError("pass --classes 'a,b,c' (or --unsupervised K for segments without names)")
@@ -56,21 +62,20 @@ def cmd_segment(args)->int:
     model = _model(args)
     seg = (MaskDiffusion(model, timestep=args.timestep) if classes else
            UnsupervisedMaskDiffusion(model, n_segments=args.unsupervised or None, timestep=args.timestep))
-    for path, img in zip(tqdm(args.images, desc="segment", unit="image", disable=args.quiet), images):
+    for path, img in zip(progress(args.images, desc="segment", unit="image", disable=args.quiet), images):
         s = seg(img, classes) if classes else seg(img)
         stem = Path(path).stem
         s.to_png(out / f"{stem}_labels.png"); s.overlay(out / f"{stem}_overlay.png")
         info = dict(image=str(path), model=model.name, classes=s.classes, shares=s.shares(),
                     method="maskdiffusion" if classes else "unsupervised", timestep=seg.timestep)
-        tmp = out / f".{stem}.json.tmp"
-        tmp.write_text(json.dumps(info, indent=2)); tmp.replace(out / f"{stem}.json")
+        write_text_atomic(out / f"{stem}.json", json.dumps(info, indent=2))
     if not args.quiet: print(f"wrote {3 * len(images)} files to {out}")
     return 0
 
 # %% ../nbs/10_cli.ipynb #54518051
 def cmd_layers(args)->int:
     from md_probe.probe import list_layers
-    print(list_layers(_model(args), args.size, args.pattern))
+    print(list_layers(_model(args), args.image_size, args.pattern))
     return 0
 
 def cmd_probe(args)->int:
@@ -82,7 +87,7 @@ def cmd_probe(args)->int:
     model = _model(args)
     try:
         cache = probe(model, img, prompt=args.prompt, timesteps=args.timesteps, layers=args.layers,
-                      cross_attention=args.cross_attention or bool(args.heatmaps), capture=args.capture)
+                      cross_attention=args.cross_attention or bool(args.heatmaps), capture=args.read)
     except (KeyError, ValueError) as e: raise UsageError(str(e).strip("'\"")) from None
     path = cache.save(out)
     if args.heatmaps: save_word_heatmaps(cache, args.heatmaps)
@@ -114,8 +119,127 @@ def cmd_train_shapes(args)->int:
     return 0
 
 def cmd_shapes_report(args)->int:
-    from md_probe.evaluate import shapes_report
     shapes_report(n=args.n, seed=args.seed)
+    return 0
+
+# %% ../nbs/10_cli.ipynb #07f144b9
+def _k_arg(v:str):
+    "--k: an int, 'present', or 'eigengap' (None)."
+    if v in ("present", "eigengap", "none"): return None if v in ("eigengap", "none") else v
+    try: return int(v)
+    except ValueError: raise ValueError(f"--k {v!r}: use an int, 'present' or 'eigengap'.") from None
+
+def add_eval_args(parser:argparse.ArgumentParser, # a parser (or sub-parser)
+                 )->argparse.ArgumentParser:
+    "Add `md-probe eval`'s arguments to `parser`; returns it."
+    from md_probe.data import DATASET_NAMES
+    a = parser.add_argument
+    a("--dataset", default="shapes", help=f"data set: {', '.join(DATASET_NAMES)} (default: shapes)")
+    a("--root", default=None, help="data root holding the data set folders (default: $MD_PROBE_DATA, else ./data)")
+    a("--split", default="val", help="split (default: val)")
+    a("--method", default="maskdiffusion", help=f"method: {', '.join(EVAL_METHODS)} (default: maskdiffusion)")
+    a("--model", default=None, help=f"model name, folder or hub id (default: shapes for --dataset shapes, else {DEFAULT_SD})")
+    a("--protocol", default=None, choices=PROTOCOLS, help="default: supervised for named methods, per_image for segments")
+    a("--limit", type=int, default=None, help="score only the first N images")
+    a("--out", default=None, help="run folder: resumable records, result.json, result.md (default: eval-runs/DATASET-METHOD-MODEL)")
+    a("--batch-size", type=int, default=8, help="images per UNet call (default: 8)")
+    a("--num-workers", type=int, default=None, help="DataLoader workers (default: 0 on CPU, up to 8 on GPU)")
+    a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the process's GPU if any, else cpu)")
+    a("--dtype", default="auto", help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
+    a("--transform", default="protocol", help="protocol (the published preprocessing, e.g. 512 centre crops), keep, resize_crop")
+    a("--prompt-classes", default=None, choices=("all", "present"),
+      help="named methods: prompt with every class name, or the gt's (default: present for shapes, as Scene.prompt(); else all)")
+    a("--k", "--segments", dest="k", default=None,
+      help="unsupervised: k (int), 'present' or 'eigengap' (default); kmeans: k or 'present' (default)")
+    a("--tau", type=float, default=None, help=f"diffseg: KL threshold (default 1.1, shapes {DIFFSEG_SHAPES_TAU}; published 0.9 for Cityscapes)")
+    a("--n", type=int, default=None, help="shapes: number of scenes (default 200)")
+    a("--seed", type=int, default=None, help="the method's seed (noise, clustering)")
+    a("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+def _device_dtype(device, dtype, state):
+    "The device (the process's under accelerate) and dtype (`auto`: bf16/fp16 on a GPU, fp32 on the CPU)."
+    from md_probe.models import resolve_dtype
+    device = torch.device(device) if device else (state.device if state.num_processes > 1 else
+                                                  torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype == "auto":
+        dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
+    return device, resolve_dtype(dtype)
+
+def _method_options(name:str, args, dataset:str)->dict:
+    "The command-line options that apply to method `name` on `dataset`."
+    key, opts = method_key(name), {}
+    if EVAL_METHODS[key].named: opts["prompt_classes"] = args.prompt_classes or ("present" if dataset == "shapes" else "all")
+    if key == "diffseg" and dataset == "shapes": opts["tau"] = DIFFSEG_SHAPES_TAU
+    if args.k is not None and key in ("unsupervised", "kmeans"): opts["k"] = _k_arg(args.k)
+    if args.tau is not None and key == "diffseg": opts["tau"] = args.tau
+    if args.seed is not None: opts["seed"] = args.seed
+    return opts
+
+def _usage_errors()->tuple:
+    "What a mistake in the input raises (no data set, an unknown method or option, a model that does not load)."
+    from md_probe.data import DatasetNotFoundError
+    return (DatasetNotFoundError, OSError, ValueError, KeyError)
+
+def cmd_eval(args)->int:
+    "`md-probe eval`: score one method on one data set, print the table, write result.json / result.md."
+    from md_probe.data import load_dataset, canonical_name
+    from md_probe.models import load_model
+    state = process_state(cpu=args.device == "cpu")
+    try:
+        name = canonical_name(args.dataset)
+        opts = _method_options(args.method, args, name)          # a bad method or option fails before any loading
+        device, dtype = _device_dtype(args.device, args.dtype, state)
+        model_name = args.model or ("shapes" if name == "shapes" else DEFAULT_SD)
+        kw = dict(n=args.n) if name == "shapes" and args.n else {}
+        ds = load_dataset(name, args.root, args.split, transform=None if args.transform == "keep" else args.transform, **kw)
+        model = load_model(model_name, device=device, dtype=dtype)
+        method = make_method(args.method, model, **opts)
+        out = args.out or Path("eval-runs") / f"{name}-{method.name}-{Path(str(model_name)).name}"
+        res = evaluate(method, ds, args.protocol, args.batch_size, out, args.limit, args.num_workers,
+                       not args.no_progress, state=state)
+    except _usage_errors() as e: raise UsageError(str(e)) from None
+    if state.is_main_process: print(res.to_markdown() + f"\nwritten: {Path(out) / 'result.json'}, {Path(out) / 'result.md'}")
+    return 0
+
+# %% ../nbs/10_cli.ipynb #0539bd28
+def add_reproduce_args(parser:argparse.ArgumentParser, # a parser (or sub-parser)
+                      )->argparse.ArgumentParser:
+    "Add `md-probe reproduce`'s arguments to `parser`; returns it."
+    a = parser.add_argument
+    a("--root", default=None, help="data root with cocostuff/, cityscapes/, potsdam/ (default: $MD_PROBE_DATA; none: the shapes data set)")
+    a("--model", default=None, help=f"model (default: {DEFAULT_SD}; the shapes model without a data root)")
+    a("--datasets", default=",".join(REPRODUCE_DATASETS), help="comma-separated data sets (default: all three)")
+    a("--methods", default=",".join(REPRODUCE_METHODS), help="comma-separated methods (default: the paper's four)")
+    a("--limit", type=int, default=None, help="score only the first N images of each data set")
+    a("--out", default="reproduce-runs", help="folder of the per-row resumable runs and table.md (default: reproduce-runs)")
+    a("--batch-size", type=int, default=8); a("--num-workers", type=int, default=None)
+    a("--device", default=None); a("--dtype", default="auto")
+    a("--n", type=int, default=None, help="shapes fallback: number of scenes (default 200)")
+    a("--no-progress", action="store_true")
+    return parser
+
+def cmd_reproduce(args)->int:
+    "`md-probe reproduce`: the paper's table on the user's data sets and weights (the shapes data set without data)."
+    from md_probe.models import load_model
+    state = process_state(cpu=args.device == "cpu")
+    toy = args.root is None and not os.environ.get("MD_PROBE_DATA")
+    try:
+        methods = [method_key(m) for m in args.methods.split(",") if m]
+        datasets = ["shapes"] if toy else [d for d in args.datasets.split(",") if d]
+        device, dtype = _device_dtype(args.device, args.dtype, state)
+        model = load_model(args.model or ("shapes" if toy else DEFAULT_SD), device=device, dtype=dtype)
+        rows = reproduce_rows(datasets, methods, model, args.root, args.out, args.batch_size, args.limit, args.num_workers,
+                              not args.no_progress, state, dict(n=args.n) if toy and args.n else None)
+    except _usage_errors() as e: raise UsageError(str(e)) from None
+    if not state.is_main_process: return 0
+    text = reproduce_table(rows)
+    if toy: text = ("No data root (--root or $MD_PROBE_DATA): the paper's methods on the shapes data set and model "
+                    "(the published numbers are for the real data sets).\n\n" + text)
+    missing = [r for r in rows if "error" in r]
+    if missing: text += "\nMissing data sets:\n\n" + "\n\n".join(dict.fromkeys(r["error"] for r in missing)) + "\n"
+    print(text)
+    Path(args.out).mkdir(parents=True, exist_ok=True); write_text_atomic(Path(args.out) / "table.md", text)
     return 0
 
 # %% ../nbs/10_cli.ipynb #59ec68ba
@@ -133,11 +257,11 @@ def build_parser()->argparse.ArgumentParser:
     s.add_argument("--out", default="outputs"); s.add_argument("--unsupervised", type=int, metavar="K")
     s.add_argument("--timestep", type=int, default=None); _common(s); s.set_defaults(func=cmd_segment)
     s = sub.add_parser("layers", help="list a model's layers"); s.add_argument("model_arg", nargs="?", metavar="MODEL")
-    s.add_argument("--size", type=int); s.add_argument("--pattern"); _common(s); s.set_defaults(func=cmd_layers)
+    s.add_argument("--image-size", "--size", dest="image_size", type=int); s.add_argument("--pattern"); _common(s); s.set_defaults(func=cmd_layers)
     s = sub.add_parser("probe", help="probe an image, save the cache (safetensors)")
     s.add_argument("image"); s.add_argument("--prompt", default=""); s.add_argument("--layers", nargs="*", default=[])
     s.add_argument("--timesteps", nargs="+", type=int, default=[0]); s.add_argument("--cross-attention", action="store_true")
-    s.add_argument("--capture", default="output"); s.add_argument("--out", default="probe.safetensors")
+    s.add_argument("--read", "--capture", dest="read", default="output", help="read the output or the input of --layers"); s.add_argument("--out", default="probe.safetensors")
     s.add_argument("--heatmaps", metavar="DIR", help="also write each word's heat map as a PNG"); _common(s)
     s.set_defaults(func=cmd_probe)
     s = sub.add_parser("train-shapes", help="train the shapes model (resumable)")
@@ -148,12 +272,10 @@ def build_parser()->argparse.ArgumentParser:
     s = sub.add_parser("shapes-report", help="the shapes model's held-out mIoU table")
     s.add_argument("--n", type=int, default=200); s.add_argument("--seed", type=int, default=12345)
     s.set_defaults(func=cmd_shapes_report)
-    try:
-        from md_probe import evaluate
-        for name, add, run, hlp in (("eval", evaluate.add_eval_args, evaluate.run_eval, "evaluate a method on a dataset"),
-                                    ("reproduce", evaluate.add_reproduce_args, evaluate.run_reproduce, "the paper's table")):
-            s = sub.add_parser(name, help=hlp); add(s); s.set_defaults(func=run)
-    except (ImportError, AttributeError): pass
+    s = sub.add_parser("eval", help="score a method on a data set (resumable; several GPUs under accelerate launch)")
+    add_eval_args(s).set_defaults(func=cmd_eval)
+    s = sub.add_parser("reproduce", help="the paper's table beside the published numbers")
+    add_reproduce_args(s).set_defaults(func=cmd_reproduce)
     return p
 
 def main(argv=None)->int:
@@ -166,4 +288,4 @@ def main(argv=None)->int:
         return 2
 
 # %% ../nbs/10_cli.ipynb #34de0bb1
-if __name__ == "__main__" and "__file__" in globals(): sys.exit(main())  # `python -m md_probe.cli`, not a notebook
+if __name__ == "__main__" and not in_ipython(): sys.exit(main())  # `python -m md_probe.cli ...`; a notebook runs this cell too

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 
 # %% auto #0
-__all__ = ['PROTOCOLS', 'confusion_matrix', 'miou', 'pixel_accuracy', 'hungarian_match', 'apply_matching', 'matched_confusion',
-           'Scores', 'scores_from_confusion', 'fold_confusion', 'ConfusionAccumulator', 'score_per_image',
-           'score_dataset']
+__all__ = ['PROTOCOLS', 'confusion_matrix', 'confusion_counts', 'miou', 'pixel_accuracy', 'hungarian_match', 'apply_matching',
+           'matched_confusion', 'Scores', 'scores_from_confusion', 'fold_confusion', 'ConfusionAccumulator',
+           'score_per_image', 'score_dataset']
 
 # %% ../nbs/03_metrics.ipynb #2269830e
 def _np(x):
@@ -53,6 +53,21 @@ def confusion_matrix(pred,             # (...) predicted class or cluster ids, n
         raise ValueError(f"pred contains id {p.max()} >= num_preds={P}: pass num_preds > {p.max()} "
                          "(clusters may outnumber classes)")
     return np.bincount(g * P + p, minlength=num_classes * P).reshape(num_classes, P).astype(np.int64)
+
+# %% ../nbs/03_metrics.ipynb #97b9ccc0
+def confusion_counts(pred, # (H, W) torch tensor of predicted ids in [0, num_preds), on any device
+                     gt, # (H, W) torch tensor of ground-truth ids in [0, num_classes) or `ignore_index`
+                     num_classes:int, # C: rows
+                     num_preds:int, # P: columns
+                     ignore_index:int=255, # gt label never counted
+                    ): # (C, P) int64 torch tensor of counts on `pred`'s device
+    "`confusion_matrix` of torch tensors, counted on the prediction's device."
+    gt = gt.to(pred.device)
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction {tuple(pred.shape)} and label {tuple(gt.shape)} differ in size: predict at the label's size.")
+    valid = gt != ignore_index
+    idx = gt[valid].long() * num_preds + pred[valid].long()
+    return idx.bincount(minlength=num_classes * num_preds).reshape(num_classes, num_preds)
 
 # %% ../nbs/03_metrics.ipynb #73f3c0c8
 def _check_conf(conf):
@@ -220,6 +235,27 @@ class ConfusionAccumulator:
         return self
 
     def __repr__(self): return f"ConfusionAccumulator(protocol={self.protocol!r}, classes={self.num_classes}, images={self.n_images})"
+
+# %% ../nbs/03_metrics.ipynb #5fa3f6b6
+from fastcore.basics import patch
+
+@patch
+def add_confusion(self:ConfusionAccumulator,
+                  conf, # (C, P) one image's counts, rows = gt, columns = predicted ids (P >= C for clusters)
+                 )->ConfusionAccumulator: # self, for chaining
+    "Add one image from its raw confusion counts: what `update` adds from the image's label maps."
+    conf = _np(conf).astype(np.int64)
+    if conf.ndim != 2 or conf.shape[0] != self.num_classes:
+        raise ValueError(f"expected ({self.num_classes}, P) counts with rows = gt, got shape {conf.shape}: count with confusion_matrix")
+    P = conf.shape[1]
+    if self.protocol == "per_image": self.confusion += matched_confusion(conf, hungarian_match(conf))
+    else:
+        if self.protocol == "dataset": self._grow(P)
+        if P > self.confusion.shape[1]:
+            raise ValueError(f"{P} prediction columns for {self.confusion.shape[1]}: pass num_preds={P} to the accumulator")
+        self.confusion[:, :P] += conf
+    self.n_images += 1
+    return self
 
 # %% ../nbs/03_metrics.ipynb #ea571f79
 def _images(x):

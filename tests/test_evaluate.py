@@ -1,5 +1,5 @@
-"Tests of md_probe.evaluate that need more than the notebook's asserts: kills and resumes, two processes, the CLI."
-import os, sys, json, signal, subprocess, time, argparse
+"Tests of md_probe.evaluate, .diffseg, .reproduce and their command line that need more than the notebooks' asserts: kills and resumes, two processes, the CLI."
+import os, sys, json, signal, subprocess, time, dataclasses
 from pathlib import Path
 import numpy as np
 import pytest
@@ -9,9 +9,11 @@ torch.set_num_threads(1)
 
 from md_probe.models import load_model
 from md_probe.data import load_dataset, make_fake_dataset
-from md_probe.metrics import ConfusionAccumulator, confusion_matrix, PROTOCOLS
+from md_probe.metrics import ConfusionAccumulator, confusion_matrix, confusion_counts, PROTOCOLS
 from md_probe.segment import UnsupervisedMaskDiffusion
-from md_probe import evaluate as ev
+from md_probe.probe import CaptureStore
+from md_probe import evaluate as ev, diffseg as dseg, reproduce as rp
+from md_probe.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
@@ -36,14 +38,14 @@ def test_confusion_counts_equal_metrics(C, P, n, seed):
     rng = np.random.default_rng(seed)
     gt = rng.integers(0, C, n); gt[rng.random(n) < 0.2] = 255
     pred = rng.integers(0, P, n)
-    got = ev.confusion_counts(torch.as_tensor(pred), torch.as_tensor(gt), C, P).numpy()
+    got = confusion_counts(torch.as_tensor(pred), torch.as_tensor(gt), C, P).numpy()
     np.testing.assert_array_equal(got, confusion_matrix(pred, gt, C, num_preds=P))
 
 
 @settings(max_examples=25, deadline=None)
 @given(st.sampled_from(PROTOCOLS), st.integers(2, 5), st.integers(1, 4), st.integers(0, 2**31 - 1))
-def test_fold_equals_accumulator_update(protocol, C, n_images, seed):
-    "Folding stored confusion counts gives what ConfusionAccumulator.update gives from the label maps."
+def test_add_confusion_equals_accumulator_update(protocol, C, n_images, seed):
+    "Adding stored confusion counts (ConfusionAccumulator.add_confusion) gives what update gives from the label maps."
     rng = np.random.default_rng(seed)
     named = protocol == "supervised"
     ref, acc = ConfusionAccumulator(C, protocol, num_preds=C + 1 if named else None), ev._accumulator(C, protocol, named)
@@ -52,7 +54,7 @@ def test_fold_equals_accumulator_update(protocol, C, n_images, seed):
         pred = rng.integers(0, C + 1 if named else C + 3, (5, 6))
         ref.update(pred, gt)
         P = C + 1 if named else max(C, int(pred.max()) + 1)
-        ev._fold(acc, confusion_matrix(pred, gt, C, num_preds=P))
+        acc.add_confusion(confusion_matrix(pred, gt, C, num_preds=P))
     a, b = acc.scores(), ref.scores()
     np.testing.assert_array_equal(a.confusion, b.confusion)
     assert a.miou == b.miou or (np.isnan(a.miou) and np.isnan(b.miou))
@@ -113,9 +115,9 @@ def test_interrupted_run_resumes_to_the_same_numbers(tiny, coco_root, tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_then_resume(coco_root, tmp_path):
-    "A real SIGKILL of `python -m md_probe.evaluate` mid-run; the rerun completes to the uninterrupted numbers."
+    "A real SIGKILL of `python -m md_probe.cli eval` mid-run; the rerun completes to the uninterrupted numbers."
     root = make_fake_dataset("cocostuff27", tmp_path / "data", n=30, size=(40, 56), seed=4)
-    cmd = [sys.executable, "-m", "md_probe.evaluate", "eval", "--dataset", "cocostuff27", "--root", str(root), "--model", "tiny",
+    cmd = [sys.executable, "-m", "md_probe.cli", "eval", "--dataset", "cocostuff27", "--root", str(root), "--model", "tiny",
            "--batch-size", "1", "--no-progress"]
     proc = subprocess.Popen(cmd + ["--out", str(tmp_path / "run")], env=ENV, cwd=tmp_path, stdout=subprocess.DEVNULL)
     rec = tmp_path / "run" / "records-0.jsonl"
@@ -140,9 +142,9 @@ def test_two_cpu_processes_give_the_single_process_numbers(coco_root, tmp_path, 
     args = ["eval", "--dataset", "cocostuff27", "--root", str(coco_root), "--model", "tiny", "--method", method,
             "--batch-size", "1", "--no-progress", "--device", "cpu"]
     two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29400 + os.getpid() % 500),
-           "-m", "md_probe.evaluate"] + args + ["--out", str(tmp_path / "two")]
+           "-m", "md_probe.cli"] + args + ["--out", str(tmp_path / "two")]
     subprocess.run(two, env=ENV, cwd=tmp_path, check=True, stdout=subprocess.DEVNULL, timeout=600)
-    subprocess.run([sys.executable, "-m", "md_probe.evaluate"] + args + ["--out", str(tmp_path / "one")], env=ENV, cwd=tmp_path,
+    subprocess.run([sys.executable, "-m", "md_probe.cli"] + args + ["--out", str(tmp_path / "one")], env=ENV, cwd=tmp_path,
                    check=True, stdout=subprocess.DEVNULL, timeout=600)
     files = {p.name: len(p.read_text().splitlines()) for p in (tmp_path / "two").glob("records-*.jsonl")}
     assert files == {"records-0.jsonl": 3, "records-1.jsonl": 2}   # 5 images dealt round-robin
@@ -165,10 +167,10 @@ def test_diffseg_aggregate_on_a_non_square_grid(tiny):
     img = (np.random.default_rng(0).random((64, 128, 3)) * 255).astype(np.uint8)
     p = tiny.prepare_image(img, size=128, keep_aspect=True)
     assert tuple(p.pixels.shape[-2:]) == (64, 128)
-    seg = ev.DiffSeg(tiny, size=128, keep_aspect=True)
+    seg = dseg.DiffSeg(tiny, image_size=128, keep_aspect=True)
     agg = seg.store((64, 128))
     ev.forward_batch(tiny, p.pixels, [[""]], 300, self_attention=seg.layers, noise=False, store=agg)
-    keep = ev.CaptureStore(self_attention=seg.layers)
+    keep = CaptureStore(self_attention=seg.layers)
     ev.forward_batch(tiny, p.pixels, [[""]], 300, self_attention=seg.layers, noise=False, store=keep)
     gh, gw = 8, 16
     slow = torch.zeros(gh * gw, gh * gw)
@@ -188,28 +190,26 @@ def test_diffseg_merge_follows_the_released_rule():
     A = torch.full((N, N), 1e-3); A[torch.arange(N), torch.arange(N)] = 1
     A = A / A.sum(1, keepdim=True)
     # anchors 0 and 1 see only themselves at tau ~ 0 -> two proposals; a huge tau merges them
-    assert ev.diffseg_merge(A, torch.tensor([0, 1]), 1e-6, 3).shape == (2, N)
-    one = ev.diffseg_merge(A, torch.tensor([0, 1]), 1e6, 3)
+    assert dseg.diffseg_merge(A, torch.tensor([0, 1]), 1e-6, 3).shape == (2, N)
+    one = dseg.diffseg_merge(A, torch.tensor([0, 1]), 1e6, 3)
     torch.testing.assert_close(one, A.mean(0, keepdim=True))
     # later iterations: a chain 0 ~ 1 ~ 2 with 0 !~ 2 -> [mean(0, 1), mean(1, 2)]: 2 is not taken and absorbs 1 again
     p = torch.tensor([[.7, .2, .1], [.4, .4, .2], [.1, .3, .6]])
-    d, tau = ev.sym_kl(p, p), 0.5
+    d, tau = dseg.sym_kl(p, p), 0.5
     assert d[0, 1] < tau and d[1, 2] < tau < d[0, 2]
-    torch.testing.assert_close(ev.diffseg_merge_step(p, tau), torch.stack([p[[0, 1]].mean(0), p[[1, 2]].mean(0)]))
+    torch.testing.assert_close(dseg.diffseg_merge_step(p, tau), torch.stack([p[[0, 1]].mean(0), p[[1, 2]].mean(0)]))
     # a proposal far from the rest stays alone; and the order of visits matters (released code: in order)
     q = torch.cat([p, torch.tensor([[.01, .01, .98]])])
-    assert (ev.sym_kl(q, q)[3, :3] > tau).all()
-    torch.testing.assert_close(ev.diffseg_merge_step(q, tau)[2], q[3])
-    torch.testing.assert_close(ev.diffseg_merge_step(p[[1, 0, 2]], tau), p.mean(0, keepdim=True))  # 1 first takes all
+    assert (dseg.sym_kl(q, q)[3, :3] > tau).all()
+    torch.testing.assert_close(dseg.diffseg_merge_step(q, tau)[2], q[3])
+    torch.testing.assert_close(dseg.diffseg_merge_step(p[[1, 0, 2]], tau), p.mean(0, keepdim=True))  # 1 first takes all
 
 
 # --- command line -------------------------------------------------------------------------------------------------
 
-def _args(add, argv): return add(argparse.ArgumentParser()).parse_args(argv)
-
-def test_run_eval_writes_the_result_files(tiny, coco_root, tmp_path, capsys):
-    rc = ev.run_eval(_args(ev.add_eval_args, ["--dataset", "cocostuff27", "--root", str(coco_root), "--model", "tiny",
-                                              "--method", "attention", "--limit", "3", "--out", str(tmp_path), "--no-progress"]))
+def test_cli_eval_writes_the_result_files(tiny, coco_root, tmp_path, capsys):
+    rc = main(["eval", "--dataset", "cocostuff27", "--root", str(coco_root), "--model", "tiny", "--method", "attention",
+               "--limit", "3", "--out", str(tmp_path), "--no-progress"])
     assert rc == 0
     r = json.loads((tmp_path / "result.json").read_text())
     assert set(r) == {"dataset", "method", "protocol", "model", "n_images", "miou", "pixel_accuracy", "per_class_iou", "images_per_s"}
@@ -219,42 +219,69 @@ def test_run_eval_writes_the_result_files(tiny, coco_root, tmp_path, capsys):
     assert "protocol **supervised**" in capsys.readouterr().out
 
 
-def test_run_eval_usage_errors_exit_2(tmp_path, capsys):
-    assert ev.run_eval(_args(ev.add_eval_args, ["--dataset", "potsdam", "--root", str(tmp_path), "--model", "tiny"])) == 2
+def test_cli_eval_usage_errors_exit_2(tmp_path, capsys):
+    assert main(["eval", "--dataset", "potsdam", "--root", str(tmp_path), "--model", "tiny"]) == 2
     assert "Expected layout" in capsys.readouterr().err
-    assert ev.run_eval(_args(ev.add_eval_args, ["--dataset", "shapes", "--method", "segformer", "--out", str(tmp_path)])) == 2
+    assert main(["eval", "--dataset", "shapes", "--method", "segformer", "--out", str(tmp_path)]) == 2
     assert "Unknown method" in capsys.readouterr().err
+    assert main(["eval", "--dataset", "shapes", "--method", "kmeans", "--k", "many", "--out", str(tmp_path)]) == 2
+    assert "--k 'many'" in capsys.readouterr().err
+    assert not (tmp_path / "run.json").exists()                   # nothing ran
+
+
+def test_run_json_records_the_config_as_data(tiny, coco_root, tmp_path):
+    "run.json holds the method's options and its segmenter's config as data (dataclasses.asdict), and guards a resume."
+    data = load_dataset("cocostuff27", coco_root)
+    ev.evaluate("diffseg", data, model=tiny, batch_size=5, out=tmp_path, limit=1, progress=False, tau=0.5)
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["method"] == "diffseg" and run["options"] == {}
+    assert run["config"] == json.loads(json.dumps(dataclasses.asdict(dseg.DiffSegConfig(tau=0.5))))
+    with pytest.raises(ValueError, match="other settings"):
+        ev.evaluate("diffseg", data, model=tiny, batch_size=5, out=tmp_path, limit=1, progress=False, tau=0.6)
+    ev.evaluate("kmeans", data, model=tiny, batch_size=5, out=tmp_path / "km", limit=1, progress=False, k=2)
+    run = json.loads((tmp_path / "km" / "run.json").read_text())
+    assert run["options"] == {"k": 2} and run["config"]["timestep"] == ev.make_method("kmeans", tiny).seg.timestep
+    assert all(not isinstance(v, str) or not v.startswith(("(", "[", "{")) for v in run["config"].values())   # no reprs
 
 
 @pytest.mark.slow
 def test_module_cli_on_a_fresh_machine(tmp_path):
-    "`python -m md_probe.evaluate eval --dataset shapes` works with nothing but the package (shapes data + model)."
-    out = subprocess.run([sys.executable, "-m", "md_probe.evaluate", "eval", "--dataset", "shapes", "--n", "8", "--no-progress"],
+    "`python -m md_probe.cli eval --dataset shapes` works with nothing but the package (shapes data + model)."
+    out = subprocess.run([sys.executable, "-m", "md_probe.cli", "eval", "--dataset", "shapes", "--n", "8", "--no-progress"],
                          env=ENV, cwd=tmp_path, capture_output=True, text=True, check=True)
     r = json.loads((tmp_path / "eval-runs" / "shapes-maskdiffusion-shapes" / "result.json").read_text())
     assert r["model"] == "shapes" and r["n_images"] == 8 and r["miou"] > 0.3
     assert "MaskDiffusion on shapes" in out.stdout
 
 
+def test_cli_import_errors_surface():
+    "A module of the evaluation stack that fails to import fails the command: `eval` and `reproduce` are never dropped silently."
+    code = "import sys; sys.modules['md_probe.reproduce'] = None; import md_probe.cli"
+    r = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True)
+    assert r.returncode != 0 and "import of md_probe.reproduce halted" in r.stderr   # the ImportError itself
+    from md_probe.cli import build_parser
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert {"eval", "reproduce", "shapes-report"} <= set(sub.choices)
+
+
 def test_reproduce_without_data_runs_on_shapes(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("MD_PROBE_DATA", raising=False)
-    rc = ev.run_reproduce(_args(ev.add_reproduce_args, ["--n", "4", "--out", str(tmp_path), "--no-progress",
-                                                        "--methods", "maskdiffusion,unsupervised,kmeans,diffseg"]))
+    rc = main(["reproduce", "--n", "4", "--out", str(tmp_path), "--no-progress", "--methods", "maskdiffusion,unsupervised,kmeans,diffseg"])
     assert rc == 0
     text = (tmp_path / "table.md").read_text()
     for s in ("shapes data set", "supervised (class-name prompts)", "per-image Hungarian, k by eigengap",
-              "per-image Hungarian, k = classes present", f"tau {ev.DIFFSEG_SHAPES_TAU}"):
+              "per-image Hungarian, k = classes present", f"tau {dseg.DIFFSEG_SHAPES_TAU}"):
         assert s in text
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [f"shapes-{m}" for m in ("diffseg", "kmeans", "maskdiffusion", "unsupervised")]
 
 
 def test_reproduce_rows_beside_published_numbers(tiny, coco_root):
-    rows = ev.reproduce_rows(["cocostuff27", "cityscapes27"], ["diffseg", "maskdiffusion"], tiny, root=coco_root, limit=1, progress=False)
+    rows = rp.reproduce_rows(["cocostuff27", "cityscapes27"], ["diffseg", "maskdiffusion"], tiny, root=coco_root, limit=1, progress=False)
     assert [(r["dataset"], r["method"]) for r in rows] == [("cocostuff27", "diffseg"), ("cocostuff27", "maskdiffusion"),
                                                            ("cityscapes27", "diffseg"), ("cityscapes27", "maskdiffusion")]
     assert (rows[0]["published_miou"], rows[0]["published_accuracy"]) == (43.6, 72.5)
     assert abs(rows[1]["published_miou"] - 58.4) < 1e-9 and "error" in rows[2]
-    table = ev.reproduce_table(rows)
+    table = rp.reproduce_table(rows)
     assert "per-image Hungarian, tau 1.1" in table and "missing: Cityscapes" in table
 
 
@@ -268,7 +295,7 @@ def test_result_figure_and_markdown(shapes):
 
 
 def test_shapes_report_small():
-    df = ev.shapes_report(n=8, print_table=False)
+    df = rp.shapes_report(n=8, print_table=False)
     assert df.columns.tolist() == ["shapes", "shapes-random"]
     assert df.index.tolist() == [("MaskDiffusion", "supervised"), ("attention argmax", "supervised"),
                                  ("Unsupervised MaskDiffusion", "per_image")]
@@ -276,8 +303,9 @@ def test_shapes_report_small():
 
 
 def test_md_probe_cli_runs_eval(tmp_path, capsys):
-    "The lead's `md-probe eval` reaches run_eval with these arguments."
-    from md_probe.cli import main
+    "`md-probe eval` reaches the runner with these arguments (`--k` and its older name `--segments`)."
     assert main(["eval", "--dataset", "shapes", "--n", "4", "--method", "kmeans", "--out", str(tmp_path), "--no-progress"]) == 0
     r = json.loads((tmp_path / "result.json").read_text())
     assert (r["method"], r["protocol"], r["n_images"]) == ("kmeans", "per_image", 4)
+    assert main(["eval", "--dataset", "shapes", "--n", "4", "--method", "kmeans", "--segments", "2", "--out", str(tmp_path / "k2"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "k2" / "run.json").read_text())["options"] == {"k": 2}
