@@ -61,13 +61,13 @@ def cmd_segment(args)->int:
     except ValueError as e: raise UsageError(str(e)) from None
     model = _model(args)
     seg = (MaskDiffusion(model, timestep=args.timestep) if classes else
-           UnsupervisedMaskDiffusion(model, n_segments=args.unsupervised or None, timestep=args.timestep))
+           UnsupervisedMaskDiffusion(model, k=args.unsupervised or None, timestep=args.timestep))
     for path, img in zip(progress(args.images, desc="segment", unit="image", disable=args.quiet), images):
         s = seg(img, classes) if classes else seg(img)
         stem = Path(path).stem
         s.to_png(out / f"{stem}_labels.png"); s.overlay(out / f"{stem}_overlay.png")
         info = dict(image=str(path), model=model.name, classes=s.classes, shares=s.shares(),
-                    method="maskdiffusion" if classes else "unsupervised", timestep=seg.timestep)
+                    method="maskdiffusion" if classes else "unsupervised", timestep=seg.config.timestep)
         write_text_atomic(out / f"{stem}.json", json.dumps(info, indent=2))
     if not args.quiet: print(f"wrote {3 * len(images)} files to {out}")
     return 0

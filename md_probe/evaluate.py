@@ -7,12 +7,11 @@ from __future__ import annotations
 import os, json, math, time, functools, dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.nn.functional as F
 from fastcore.basics import patch
-from .models import DiffusionModel, PreparedImage
+from .models import DiffusionModel, PreparedImage, prepare_image
 from .probe import CaptureStore, ProbeCache, capture, _rows_to_maps
 from .segment import (MaskDiffusion, UnsupervisedMaskDiffusion, build_prompts, class_attention, pixel_features,
                               upsample_scores, scores_to_labels, oracle_segment)
@@ -86,22 +85,10 @@ def prompt_class_ids(classes:list, # the data set's prompt names, in label order
     return [i for i in ids if i not in bg] + bg
 
 # %% ../nbs/07_evaluate.ipynb #cf6caffe
-def _prepare_image(image, image_size:int, stride:int, keep_aspect:bool=False)->PreparedImage:
-    "`DiffusionModel.prepare_image` without the model: it needs two numbers of it (issue 15: `models.prepare_image`)."
-    return DiffusionModel.prepare_image(SimpleNamespace(image_size=image_size, stride=stride), image, image_size, keep_aspect)
-
 def _preparer(model:DiffusionModel, image_size:int|None, keep_aspect:bool)->functools.partial:
     "`model.prepare_image(image, image_size, keep_aspect)` as a picklable function of the image (for DataLoader workers)."
-    return functools.partial(_prepare_image, image_size=image_size or model.image_size, stride=model.stride, keep_aspect=keep_aspect)
+    return functools.partial(prepare_image, image_size=image_size or model.image_size, stride=model.stride, keep_aspect=keep_aspect)
 
-_CONFIG_NAMES = {"feature_size": "grid", "attention_size": "attention_grid", "feature_capture": "read", "size": "image_size",
-                 "n_segments": "k"}
-
-def _config(seg):
-    "The segmenter's options: its frozen config (`seg.config`)."
-    if hasattr(seg, "config"): return seg.config
-    # segment's segmenters before their configs (issue 15): their option attributes, under the configs' names
-    return SimpleNamespace(**{_CONFIG_NAMES.get(k, k): v for k, v in vars(seg).items() if k != "model"})
 
 class EvalMethod:
     "A segmenter as the runner drives it: what one batched UNet call captures, and a head per image."
@@ -120,13 +107,13 @@ class EvalMethod:
 
     def prepare(self)->functools.partial:
         "What a DataLoader worker runs on each image: the model's `prepare_image` at the segmenter's input size."
-        c = _config(self.seg)
+        c = self.seg.config
         return _preparer(self.model, c.image_size, c.keep_aspect)
 
     def spec(self)->dict:
         "What a resumed run must share with the first (run.json): method, its options, the segmenter's config, model, dtype."
-        c = _config(self.seg)
-        config = dataclasses.asdict(c) if dataclasses.is_dataclass(c) else vars(c)
+        c = self.seg.config
+        config = dataclasses.asdict(c)
         spec = dict(method=self.name, options=self.given, config=config, model=self.model.name, dtype=str(self.model.dtype))
         return json.loads(json.dumps(spec))                  # as read back from run.json (tuples are lists there)
 
@@ -167,13 +154,13 @@ class MaskDiffusionEval(EvalMethod):
         self.prompt_classes = prompt_classes
 
     def unet_call(self):
-        c = _config(self.seg)
+        c = self.seg.config
         return dict(timestep=c.timestep, seed=c.seed, layers=c.feature_layers, cross_attention=c.attention_layers,
                     read=c.read, with_lse=c.attention == "exp_logits")
 
     def plan(self, classes, ids):
         names = [classes[i] for i in ids]
-        c = _config(self.seg)
+        c = self.seg.config
         cp = build_prompts(self.model.tokenizer, names, self.model.max_length, c.joiner, c.template)
         lut = torch.full((256,), 255, dtype=torch.long)
         lut[:len(ids)] = torch.tensor(ids)
@@ -191,7 +178,7 @@ class AttentionArgmaxEval(MaskDiffusionEval):
     name, title = "attention", "attention argmax"
     def unet_call(self): return {**super().unet_call(), "layers": ()}
     def labels(self, cache, names, where):
-        c = _config(self.seg)
+        c = self.seg.config
         m = class_attention(cache, where, c.attention_layers, c.attention_grid, c.attention)
         return scores_to_labels(upsample_scores(m, cache), names, c.threshold)
 
@@ -200,7 +187,7 @@ class OracleEval(MaskDiffusionEval):
     name, title = "oracle", "oracle"
     def unet_call(self): return {**super().unet_call(), "cross_attention": ()}
     def head(self, cache, plan, item, store, i):
-        c = _config(self.seg)
+        c = self.seg.config
         f = pixel_features(cache, c.feature_layers, c.grid)
         # oracle_segment reads the gt as numpy: it runs on the CPU copy (features are a small (D, 32, 32) map)
         return oracle_segment(f.cpu(), item["mask"], similarity=c.similarity).labels.to(self.model.device)
@@ -227,18 +214,18 @@ class UnsupervisedEval(EvalMethod):
         self.k = k
 
     def unet_call(self):
-        c = _config(self.seg)
+        c = self.seg.config
         return dict(timestep=c.timestep, seed=c.seed, layers=c.feature_layers, read=c.read)
 
-    def plan(self, classes, ids): return [_config(self.seg).prompt], None
+    def plan(self, classes, ids): return [self.seg.config.prompt], None
 
     def cluster(self, x, k):
         from md_probe.clustering import spectral_clustering
-        c = _config(self.seg)
+        c = self.seg.config
         return spectral_clustering(x, k, knn=c.knn, seed=c.seed, k_range=c.k_range, power=c.power)
 
     def head(self, cache, plan, item, store, i):
-        return _segments_from_features(cache, _config(self.seg), lambda x: self.cluster(x, _resolve_k(self.k, item)))
+        return _segments_from_features(cache, self.seg.config, lambda x: self.cluster(x, _resolve_k(self.k, item)))
 
 class KMeansEval(UnsupervisedEval):
     "k-means on the UNet's L2-normalised pixel features of each image (`METHOD.md` section 5)."
@@ -249,7 +236,7 @@ class KMeansEval(UnsupervisedEval):
         super().__init__(model, k, **options)
     def cluster(self, x, k):
         from md_probe.clustering import kmeans
-        return kmeans(x, min(k, len(x)), seed=_config(self.seg).seed)
+        return kmeans(x, min(k, len(x)), seed=self.seg.config.seed)
 
 class DiffSegEval(EvalMethod):
     "DiffSeg (`diffseg.DiffSeg`) on each image of a batch: one UNet pass, self-attention aggregated on the fly."
