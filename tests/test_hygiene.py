@@ -81,3 +81,15 @@ def test_no_committed_file_names_a_machine_path():
 def test_no_committed_file_is_too_large():
     bad = {p: (ROOT / p).stat().st_size for p in committed() if (ROOT / p).stat().st_size > MAX_FILE}
     assert not bad, f"files over {MAX_FILE / 1e6:.0f} MB: {bad}"
+
+
+def test_a_workflow_runs_the_test_suite():
+    "GitHub Actions runs .ci/run (the README's test command) on every push and pull request."
+    import yaml
+    wf = yaml.safe_load((ROOT / ".github" / "workflows" / "test.yaml").read_text())
+    on = wf.get("on", wf.get(True))                      # YAML 1.1 reads a bare `on:` as True
+    assert {"push", "pull_request"} <= set(on)
+    job = wf["jobs"]["test"]
+    assert job["runs-on"].startswith("ubuntu") and job["timeout-minutes"] <= 60
+    assert any(s.get("run", "").strip() == "bash .ci/run" for s in job["steps"])
+    assert any(s.get("with", {}).get("python-version") == "3.11" for s in job["steps"])

@@ -43,3 +43,21 @@ def test_clean_changes_nothing(tmp_path):
     diff = [str(p.relative_to(ROOT)) for p in (ROOT / "nbs").rglob("*.ipynb")
             if not filecmp.cmp(p, tmp / p.relative_to(ROOT), shallow=False)]
     assert not diff, f"nbdev_clean changes {diff}: run nbdev_clean and commit the notebooks"
+
+def test_tools_export_rules(tmp_path):
+    "A tool's cells are `#| exec_doc`; nbdev's `#| export` in nbs/dev is refused (nbdev_export would warn or ship it)."
+    import json, pytest, sys
+    sys.path.insert(0, str(ROOT / "tools"))
+    from export_tools import export_tool
+    def nb(*sources):
+        cells = [{"cell_type": "code", "id": f"c{i}", "metadata": {}, "outputs": [], "execution_count": None, "source": s}
+                 for i, s in enumerate(sources)]
+        p = tmp_path / "nbs" / "dev" / "00_tool.ipynb"; p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps({"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+        return p
+    f = export_tool(nb("#| hide\n#| tool_exp kit.core", "#| exec_doc\ndef f(): return 1", "def g(): '#| exec_doc'"), tmp_path / "tools")
+    assert f == tmp_path / "tools" / "kit" / "core.py"
+    text = f.read_text()
+    assert "__all__ = ['f']" in text and "def f()" in text and "def g()" not in text and "../../nbs/dev/00_tool.ipynb" in text
+    with pytest.raises(ValueError, match="exec_doc"): export_tool(nb("#| hide\n#| tool_exp kit.core", "#| export\ndef f(): ..."), tmp_path / "tools")
+    assert export_tool(nb("#| exec_doc\ndef f(): ..."), tmp_path / "tools") is None     # no `#| tool_exp`: nothing to write

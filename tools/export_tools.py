@@ -21,13 +21,24 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS, DEV = ROOT / "tools", ROOT / "nbs" / "dev"
-_re_target = re.compile(r"^\s*#\|\s*tool_exp\s+([\w.]+)\s*$", re.M)
-_re_exec_doc = re.compile(r"^(\s*#\|\s*)exec_doc\s*$", re.M)
+_re_target = re.compile(r"^\s*#\|\s*tool_exp\s+([\w.]+)\s*$")
+_re_exec_doc = re.compile(r"^(\s*#\|\s*)exec_doc\s*$")
+_re_nbdev_export = re.compile(r"^\s*#\|\s*(export|exports|exporti|default_exp)\b")
+
+
+def _directives(source: str) -> int:
+    "How many lines at the top of a code cell are `#|` directives (nbdev reads only those)."
+    n = 0
+    for line in source.split("\n"):
+        if not line.strip().startswith("#|"): break
+        n += 1
+    return n
 
 
 def tool_target(nb) -> str | None:
     "The module a notebook's `#| tool_exp` cell names (e.g. `docsite.build`), or None."
-    names = [m for c in nb.cells if c.cell_type == "code" for m in _re_target.findall(c.source)]
+    names = [m[1] for c in nb.cells if c.cell_type == "code"
+             for line in c.source.split("\n")[:_directives(c.source)] if (m := _re_target.match(line))]
     if len(names) > 1: raise ValueError(f"{len(names)} `#| tool_exp` cells ({names}): a notebook exports one module.")
     return names[0] if names else None
 
@@ -41,11 +52,16 @@ def export_tool(path: Path, dest: Path = TOOLS) -> Path | None:
     nb = read_nb(path)
     name = tool_target(nb)
     if name is None: return None
-    for c in nb.cells:   # nbdev's exporter, told that these cells are exported
-        if c.cell_type == "code": c.source = _re_exec_doc.sub(r"\1export", c.source)
+    for c in nb.cells:
+        if c.cell_type != "code": continue
+        lines, n = c.source.split("\n"), _directives(c.source)
+        if any(_re_nbdev_export.match(l) for l in lines[:n]):
+            raise ValueError(f"{path}: a cell uses nbdev's `#| export` or `#| default_exp`, which nbdev_export would write "
+                             f"into the library (or warn about): mark the tool's cells `#| exec_doc`.\n{c.source[:200]}")
+        # nbdev's exporter, told that these cells are exported
+        c.source = "\n".join([_re_exec_doc.sub(r"\1export", l) for l in lines[:n]] + lines[n:])
     exp = ExportModuleProc()
     NBProcessor(path, [exp], nb=nb).process()
-    if getattr(exp, "default_exp", None): raise ValueError(f"{path} has `#| default_exp`: nbdev_export would put it in the library.")
     mm = ModuleMaker(dest=dest, name=name, nb_path=path, is_new=True)
     mm.make(exp.modules["#"], exp.in_all["#"], lib_path=dest / name.split(".")[0])
     return mm.fname
