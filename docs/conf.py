@@ -1,14 +1,14 @@
 """Sphinx configuration of md_probe's offline documentation site.
 
-`tools/build-docs` (md_probe.docs.build_site, documented in nbs/11_docs.ipynb) copies this file into the
-generated Sphinx source folder next to `site.json`, which holds what it learned from settings.ini and the
-notebooks. Nothing here reaches the network: every script a page loads is in `_static/`.
+`tools/build-docs` (docsite.build.build_site in tools/docsite/, documented in nbs/dev/00_docs_site.ipynb) copies
+this file into the generated Sphinx source folder next to `site.json`, which holds what it learned from
+settings.ini and the notebooks. Nothing here reaches the network: every script a page loads is in `_static/`.
 """
 import json, sys
 from pathlib import Path
 
 site = json.loads((Path(__file__).parent / "site.json").read_text(encoding="utf-8"))
-for p in reversed(site["sys_path"]):  # the library (for autodoc) and md_probe.docs (for the hooks below)
+for p in reversed(site["sys_path"]):  # the library (for autodoc) and tools/ (docsite, for the hooks below)
     if p not in sys.path: sys.path.insert(0, p)
 
 project = site["title"]
@@ -68,7 +68,7 @@ def _plotly(app, pagename, templatename, context, doctree):
 
 def _docstring(app, what, name, obj, options, lines):
     "nbdev docstrings are markdown; each entry also links to the page that explains it with examples."
-    from md_probe.docs import md_docstring_to_rst
+    from docsite.build import md_docstring_to_rst
     if what == "data" and getattr(obj, "__doc__", None) == getattr(type(obj), "__doc__", None):
         lines[:] = []  # a constant has no docstring of its own: not its type's (dict's, tuple's) docstring
     lines[:] = md_docstring_to_rst(lines)

@@ -4,98 +4,16 @@
 
 # %% ../nbs/09_explorers.ipynb #30448741
 from __future__ import annotations
-import collections, dataclasses, html, json, math, time
-from pathlib import Path
+import collections, dataclasses, html, math, time
 import numpy as np
 import torch
 import torch.nn.functional as F
 from .models import DiffusionModel, normalize_word
 from .probe import ProbeCache, probe
+from .widgets import figure_widget
 
 # %% auto #0
-__all__ = ['figure_widget', 'Explorer', 'AttentionExplorer', 'FeatureExplorer', 'ClusterExplorer', 'SegmentationExplorer',
-           'widget_state', 'execute_notebook']
-
-# %% ../nbs/09_explorers.ipynb #2bf77ce1
-_FIGURE_LOADER_ESM = """// md_probe: plotly's FigureWidget front end, loaded once per page from the kernel's PlotlyBundle widget
-const KEY = "__mdpPlotlyWidget_%(version)s";
-function plotlyWidget(model) {
-  if (!globalThis[KEY]) {
-    globalThis[KEY] = (async () => {
-      const ref = model.get("_bundle");
-      if (typeof ref !== "string") throw new Error("md_probe: this figure has no plotly bundle widget");
-      const bundle = await model.widget_manager.get_model(ref.replace(/^IPY_MODEL_/, ""));
-      const url = URL.createObjectURL(new Blob([bundle.get("source")], { type: "text/javascript" }));
-      return (await import(url)).default;
-    })();
-  }
-  return globalThis[KEY];
-}
-export default () => {
-  let ready = null;
-  return {
-    initialize(ctx) {
-      ready = plotlyWidget(ctx.model).then((factory) => {
-        const widget = factory();
-        widget.initialize(ctx);
-        return widget;
-      });
-      ready.catch((e) => console.error(e));
-    },
-    async render(ctx) {
-      const widget = await ready;
-      return widget.render(ctx);
-    },
-  };
-};
-"""
-
-_classes = {}
-
-def _figure_classes()->tuple:
-    "(PlotlyBundle, Figure): the widget classes, made on first use (plotly, anywidget and traitlets load here)."
-    if not _classes:
-        import anywidget, plotly, traitlets
-        import plotly.graph_objects as go
-        from ipywidgets import widget_serialization
-        class PlotlyBundle(anywidget.AnyWidget):
-            "plotly's FigureWidget front-end module, sent to the browser once per kernel (never displayed)."
-            _esm = "export default {};\n"
-            _md_probe_bundle = True   # how widget_state recognises it (whichever copy of this module made it)
-            source = traitlets.Unicode("").tag(sync=True)
-        class Figure(go.FigureWidget):
-            "A plotly FigureWidget whose front end comes from the kernel's one PlotlyBundle."
-            _esm = _FIGURE_LOADER_ESM % dict(version=plotly.__version__.replace(".", "_"))
-            _bundle = traitlets.Instance(PlotlyBundle, allow_none=True).tag(sync=True, **widget_serialization)
-            @traitlets.default("_bundle")
-            def _default_bundle(self):
-                if "bundle" not in _classes or _classes["bundle"].comm is None:   # none yet, or closed (close_all)
-                    src = Path(plotly.__file__).parent / "package_data" / "widgetbundle.js"
-                    _classes["bundle"] = PlotlyBundle(source=src.read_text(encoding="utf-8"))
-                return _classes["bundle"]
-            @traitlets.observe("_js2py_pointsCallback")
-            def _handler_js2py_pointsCallback(self, change):
-                # on a selection plotly.py sets `selectedpoints` trace by trace, a message (and a redraw in the browser)
-                # each; in one batch they and what the callbacks change travel as one
-                with self.batch_update(): super()._handler_js2py_pointsCallback(change)
-        # the front end's reports (deltas after each redraw, clicks, selections) are not echoed back to it: nothing
-        # there reads them, and an echo is one more message on the page's thread after every redraw
-        quiet = {n: _no_echo(t) for n, t in go.FigureWidget.class_traits().items() if n.startswith("_js2py_")}
-        Figure = type("Figure", (Figure,), quiet)
-        _classes.update(PlotlyBundle=PlotlyBundle, Figure=Figure)
-    return _classes["PlotlyBundle"], _classes["Figure"]
-
-def _no_echo(trait):
-    "A copy of traitlet `trait` that ipywidgets 8 does not echo back to the front end that set it."
-    import copy
-    t = copy.copy(trait)
-    t.metadata = {**trait.metadata, "echo_update": False}
-    return t
-
-def figure_widget(fig, # a plotly figure (or anything go.FigureWidget accepts)
-                 ): # a plotly FigureWidget whose front end is shared by every figure of the kernel
-    "A plotly `FigureWidget` of `fig` that loads plotly's front end once per kernel and page, not once per figure."
-    return _figure_classes()[1](fig)
+__all__ = ['Explorer', 'AttentionExplorer', 'FeatureExplorer', 'ClusterExplorer', 'SegmentationExplorer']
 
 # %% ../nbs/09_explorers.ipynb #081a54df
 def _ipywidgets():
@@ -324,7 +242,7 @@ class AttentionExplorer(Explorer):
 
     def _restyle(self): self.fig.data[-1].opacity = self.controls["opacity"].value
 
-# %% ../nbs/09_explorers.ipynb #61b6639a
+# %% ../nbs/09_explorers.ipynb #b2a5e0f1
 def _unit_pixels(f:torch.Tensor)->torch.Tensor:
     "(C, h, w) features -> (h*w, C) L2-normalised pixels."
     return F.normalize(f.float().reshape(f.shape[0], -1).T, dim=1)
@@ -337,7 +255,42 @@ def _grid_trace(go, z, H, W, **kw):
     "A heat map of an (h, w) map drawn over an (H, W) image's pixel axes (cells as blocks)."
     return go.Heatmap(z=z, **_on_grid(H, W, *z.shape[:2]), **kw)
 
-class FeatureExplorer(Explorer):
+class _PixelFeatures(Explorer):
+    """What `FeatureExplorer` and `ClusterExplorer` share: a cache with features (probed once when built from a
+    model), the layer and timestep controls, the image, and each (layer, timestep)'s unit pixel features, computed
+    once."""
+    def __init__(self, source, image, prompt:str, timesteps, layers, probe_kw:dict,
+                 on_change, # what a move of the layer or timestep control runs
+                ):
+        if isinstance(source, DiffusionModel):
+            probe_kw = dict(timesteps=_timesteps(source, timesteps), layers=layers or "*resnets.*") | probe_kw
+        cache, model = _source(source, image, prompt, **probe_kw)
+        if not cache.features_: raise ValueError("This cache holds no features: probe with layers=[...] (see list_layers).")
+        super().__init__(cache, model, image if isinstance(image, int) else 0)
+        W, ts = _ipywidgets(), _unique(cache.timesteps)
+        self._memo = {}
+        self._control("layer", W.Dropdown(options=cache.layers, value=_default_layer(cache), description="layer"), on_change)
+        self._control("timestep", W.SelectionSlider(options=ts, value=ts[len(ts) // 2], description="timestep"), on_change)
+        self.img = _image_of(cache, self.image)
+
+    def _key(self)->tuple: return (self.controls["layer"].value, self.controls["timestep"].value)
+
+    def features(self, key:tuple|None=None)->torch.Tensor:
+        "The (h*w, C) unit pixel features of a (layer, timestep) `key` (default: the chosen ones), computed once."
+        key = key or self._key()
+        if ("x",) + key not in self._memo:
+            f = self.cache.features(key[0], t=key[1], image=self.image)
+            self._memo[("x",) + key] = _unit_pixels(f); self._memo[("hw",) + key] = tuple(f.shape[-2:])
+        return self._memo[("x",) + key]
+
+    def grid(self, key:tuple|None=None)->tuple:
+        "The (h, w) feature grid of a (layer, timestep) `key` (default: the chosen ones)."
+        key = key or self._key()
+        self.features(key)
+        return self._memo[("hw",) + key]
+
+# %% ../nbs/09_explorers.ipynb #61b6639a
+class FeatureExplorer(_PixelFeatures):
     "PCA-RGB and k-means of a layer's features beside the image; click a pixel for its cosine-similarity map."
     kind = "feature-explorer"
     def __init__(self, source, # a ProbeCache with features, or a DiffusionModel (then pass image)
@@ -348,31 +301,12 @@ class FeatureExplorer(Explorer):
                  k:int=4, # clusters of the k-means map
                  width:int=760, # width of the two figures together, in pixels
                  **probe_kw):
-        if isinstance(source, DiffusionModel):
-            probe_kw = dict(timesteps=_timesteps(source, timesteps), layers=layers or "*resnets.*") | probe_kw
-        cache, model = _source(source, image, prompt, **probe_kw)
-        if not cache.features_: raise ValueError("This cache holds no features: probe with layers=[...] (see list_layers).")
-        super().__init__(cache, model, image if isinstance(image, int) else 0)
-        W = _ipywidgets()
-        ts = _unique(cache.timesteps)
-        self._memo, self.query = {}, None
-        self._control("layer", W.Dropdown(options=cache.layers, value=_default_layer(cache), description="layer"), self._redraw)
-        self._control("timestep", W.SelectionSlider(options=ts, value=ts[len(ts) // 2], description="timestep"), self._redraw)
-        self._control("k", W.IntSlider(value=k, min=2, max=12, description="k"), self._relabel)
-        self.img = _image_of(cache, self.image)
+        super().__init__(source, image, prompt, timesteps, layers, probe_kw, self._redraw)
+        self.query = None
+        self._control("k", _ipywidgets().IntSlider(value=k, min=2, max=12, description="k"), self._relabel)
         self._build(width)
         c = self.controls
         self._box([[c["layer"], c["timestep"], c["k"]], [self.fig, self.cluster_fig]])
-
-    def features(self)->torch.Tensor:
-        "The (h*w, C) unit pixel features of the chosen layer and timestep (computed once per pair)."
-        key = (self.controls["layer"].value, self.controls["timestep"].value)
-        if key not in self._memo:
-            f = self.cache.features(key[0], t=key[1], image=self.image)
-            self._memo[key] = (_unit_pixels(f), tuple(f.shape[-2:]))
-        return self._memo[key][0]
-
-    def grid(self)->tuple: self.features(); return self._memo[(self.controls["layer"].value, self.controls["timestep"].value)][1]
 
     def pca_rgb(self)->np.ndarray:
         from md_probe.clustering import pca_rgb
@@ -382,7 +316,7 @@ class FeatureExplorer(Explorer):
     def labels(self, k:int|None=None)->np.ndarray:
         "The (h, w) k-means labels of the chosen features, for `k` clusters (default: the slider's)."
         from md_probe.clustering import kmeans
-        key = (self.controls["layer"].value, self.controls["timestep"].value, k or self.controls["k"].value)
+        key = self._key() + (k or self.controls["k"].value,)
         if key not in self._memo: self._memo[key] = kmeans(self.features(), key[2], seed=0).reshape(self.grid()).cpu().numpy()
         return self._memo[key]
 
@@ -412,7 +346,7 @@ class FeatureExplorer(Explorer):
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="clicked", showlegend=False, hoverinfo="skip",
                                  marker=dict(symbol="x", size=10, color="#ff2d55", line=dict(width=2))), 1, 2)
         fig.update_xaxes(range=[-0.5, W - 0.5]); fig.update_yaxes(range=[H - 0.5, -0.5])
-        viz._image_axes(fig)
+        viz.image_axes(fig)
         fig.update_xaxes(showticklabels=False); fig.update_yaxes(showticklabels=False)
         fig.update_layout(width=width // 2, height=int(width / 4 * H / W) + 50, margin_t=40)
         self.cluster_fig = self._figure("kmeans", fig)
@@ -444,7 +378,7 @@ class FeatureExplorer(Explorer):
         (h, w), (H, W) = self.grid(), self.img.shape[:2]
         grid = _on_grid(H, W, h, w)
         sim = self.similarity()
-        with self.fig.batch_update(): self.fig.data[1].update(z=viz._image_u8(self.pca_rgb(), "rgb"), **grid)
+        with self.fig.batch_update(): self.fig.data[1].update(z=viz.image_u8(self.pca_rgb(), "rgb"), **grid)
         with self.cluster_fig.batch_update():
             self.cluster_fig.data[0].update(z=viz.labels_to_rgb(self.labels(), 12), **grid)
             self.cluster_fig.data[1].update(z=_z(np.full((h, w), np.nan) if sim is None else sim), **grid)
@@ -467,7 +401,7 @@ def _set_legend(traces, names, colors):
 # white where selected, transparent elsewhere: numbers (not NaN) travel to the browser as binary arrays
 _HIGHLIGHT = [[0, "rgba(255,255,255,0)"], [0.5, "rgba(255,255,255,0)"], [0.5, "rgba(255,255,255,0.85)"], [1, "rgba(255,255,255,0.85)"]]
 
-class ClusterExplorer(Explorer):
+class ClusterExplorer(_PixelFeatures):
     "k-means / spectral clusters of pixel features: a PCA/UMAP scatter linked to the image by box/lasso selection."
     kind = "cluster-explorer"
     def __init__(self, source, # a ProbeCache with features, or a DiffusionModel (then pass image)
@@ -480,24 +414,16 @@ class ClusterExplorer(Explorer):
                  projection:str="PCA", # "PCA" or "UMAP"
                  width:int=420, # width of each of the two panels in pixels
                  **probe_kw):
-        if isinstance(source, DiffusionModel):
-            probe_kw = dict(timesteps=_timesteps(source, timesteps), layers=layers or "*resnets.*") | probe_kw
-        cache, model = _source(source, image, prompt, **probe_kw)
-        if not cache.features_: raise ValueError("This cache holds no features: probe with layers=[...] (see list_layers).")
         if method not in ("k-means", "spectral"): raise ValueError(f"method={method!r}: use 'k-means' or 'spectral'.")
         if projection not in ("PCA", "UMAP"): raise ValueError(f"projection={projection!r}: use 'PCA' or 'UMAP'.")
-        super().__init__(cache, model, image if isinstance(image, int) else 0)
+        super().__init__(source, image, prompt, timesteps, layers, probe_kw, self._refresh)
         W = _ipywidgets()
-        ts = _unique(cache.timesteps)
-        self._memo, self.selected = {}, np.zeros(0, np.int64)
-        self._control("layer", W.Dropdown(options=cache.layers, value=_default_layer(cache), description="layer"), self._refresh)
-        self._control("timestep", W.SelectionSlider(options=ts, value=ts[len(ts) // 2], description="timestep"), self._refresh)
+        self.selected = np.zeros(0, np.int64)
         self._control("method", W.ToggleButtons(options=["k-means", "spectral"], value=method), self._refresh)
         self._control("k", W.IntSlider(value=k, min=2, max=12, description="k"), self._refresh)
         self._control("eigengap", W.Checkbox(value=False, description="k by eigengap (spectral)", indent=False), self._refresh)
         self._control("projection", W.ToggleButtons(options=["PCA", "UMAP"], value=projection), self._refresh)
         self.k_label = W.HTML()
-        self.img = _image_of(cache, self.image)
         self.fig = self._figure("clusters", self._build(width))
         self.fig._config = self.fig._config | {"editSelection": False}   # a drag starts a new selection, not moves the old
         self.fig.data[0].on_selection(self._on_select)
@@ -505,18 +431,6 @@ class ClusterExplorer(Explorer):
         self._warm()
         c = self.controls
         self._box([[c["layer"], c["timestep"], c["projection"]], [c["method"], c["k"], c["eigengap"], self.k_label], self.fig])
-
-    def _key(self): return (self.controls["layer"].value, self.controls["timestep"].value)
-
-    def features(self, key:tuple|None=None)->torch.Tensor:
-        "The (h*w, C) unit pixel features of a (layer, timestep) `key` (default: the chosen ones)."
-        key = key or self._key()
-        if ("x",) + key not in self._memo:
-            f = self.cache.features(key[0], t=key[1], image=self.image)
-            self._memo[("x",) + key] = _unit_pixels(f); self._memo[("hw",) + key] = tuple(f.shape[-2:])
-        return self._memo[("x",) + key]
-
-    def grid(self)->tuple: self.features(); return self._memo[("hw",) + self._key()]
 
     def points(self, projection:str|None=None, key:tuple|None=None)->np.ndarray:
         "The (h*w, 2) projection of the pixels (PCA or UMAP, computed once per layer and timestep)."
@@ -597,7 +511,7 @@ class ClusterExplorer(Explorer):
         (h, w), (H, W) = self.grid(), self.img.shape[:2]
         k, present, grid = int(lab.max()) + 1, np.unique(lab), _on_grid(H, W, h, w)
         colors = viz.class_colors(k)
-        scale = viz._discrete_colorscale(colors)
+        scale = viz.discrete_colorscale(colors)
         fig.data[0].update(x=p[:, 0], y=p[:, 1], customdata=np.arange(len(p)))
         fig.data[0].marker.update(color=lab, cmin=-0.5, cmax=k - 0.5, colorscale=scale)
         fig.data[2].update(z=lab.reshape(h, w).astype(np.float32), zmin=-0.5, zmax=k - 0.5, colorscale=scale, **grid)
@@ -754,7 +668,7 @@ class SegmentationExplorer(Explorer):
         for i, t in enumerate(maps.data):
             t.colorscale = "RdBu_r" if i < n else "Viridis"
             fig.add_trace(t, 1 + i // n, 2 + i % n)
-        viz._image_axes(fig)
+        viz.image_axes(fig)
         fig.update_xaxes(showticklabels=False); fig.update_yaxes(showticklabels=False)
         fig.update_yaxes(title_text="score", row=1, col=2); fig.update_yaxes(title_text="attention", row=2, col=2)
         fig.update_layout(width=int(side * (1 + n / 2)) + 40, height=side + 60, margin=dict(l=10, r=10, t=30, b=10),
@@ -766,7 +680,7 @@ class SegmentationExplorer(Explorer):
         "Show the current segmentation in `fig` (a Figure, or the FigureWidget inside one batch): changed properties only."
         from md_probe import viz
         s, n = self.seg, len(self.seg.classes)
-        z, text, present, colors = viz._label_layer(s.labels, s.classes)   # not a whole overlay figure: ~10 ms less
+        z, text, present, colors = viz.label_layer(s.labels, s.classes)   # not a whole overlay figure: ~10 ms less
         fig.data[1].update(z=_z(z), text=text)
         _set_legend(fig.data[2:2 + n], [s.classes[i] for i in present], [colors[i] for i in present])
         heat = fig.data[2 + n:]
@@ -786,97 +700,3 @@ class SegmentationExplorer(Explorer):
         with self.fig.batch_update(): self._paint(self.fig)
 
     def _restyle(self): self.fig.data[1].opacity = self.controls["opacity"].value
-
-# %% ../nbs/09_explorers.ipynb #1a9fd475
-_STATE_MIME, _VIEW_MIME = "application/vnd.jupyter.widget-state+json", "application/vnd.jupyter.widget-view+json"
-
-_STATIC_FIGURE_ESM = """// md_probe: a static plotly figure for saved widget state (no kernel behind the page)
-const CDN = "https://cdn.plot.ly/plotly-%(version)s.min.js";
-function localPlotly() {
-  for (const s of document.querySelectorAll("script[src]")) {
-    const m = s.src.match(/^(.*\\/)widgets-config\\.js(\\?.*)?$/);
-    if (m) return m[1] + "plotly.min.js";
-  }
-  return null;
-}
-function loadPlotly() {
-  if (window.Plotly) return Promise.resolve(window.Plotly);
-  if (!window.__mdProbePlotly) {
-    const url = localPlotly() || CDN;
-    window.__mdProbePlotly = new Promise((resolve, reject) => {
-      if (window.requirejs && window.define && window.define.amd) {
-        window.requirejs([url], (P) => resolve(P || window.Plotly), reject);
-      } else {
-        const el = document.createElement("script");
-        el.src = url; el.onload = () => resolve(window.Plotly); el.onerror = reject;
-        document.head.appendChild(el);
-      }
-    });
-  }
-  return window.__mdProbePlotly;
-}
-export default {
-  async render({ model, el }) {
-    const div = document.createElement("div");
-    div.className = "mdp-static-figure";
-    el.appendChild(div);
-    const Plotly = await loadPlotly();
-    const data = (model.get("_widget_data") || []).map((t) => {
-      if (t.sourceURI === undefined) return t;
-      const { sourceURI, ...rest } = t;
-      return { ...rest, source: sourceURI };
-    });
-    await Plotly.newPlot(div, data, model.get("_widget_layout") || {},
-                         { displaylogo: false });
-  }
-};
-"""
-
-def _figure_state(fw, st:dict)->dict:
-    "The saved state of a plotly FigureWidget: its figure as plain plotly JSON and the small static front end."
-    import plotly, plotly.io as pio
-    spec = json.loads(pio.to_json(fw, validate=False))
-    for t in spec.get("data", []):          # nbdev/execnb rewrite every key named "source" as a list of lines
-        if "source" in t: t["sourceURI"] = t.pop("source")
-    keep = {k: v for k, v in st["state"].items() if not k.startswith(("_js2py", "_py2js", "_last", "_widget", "_esm", "_bundle"))}
-    keep |= {"_esm": _STATIC_FIGURE_ESM % dict(version=plotly.offline.get_plotlyjs_version()),
-             "_anywidget_id": "md_probe.explorers.StaticFigure",
-             "_widget_data": spec.get("data", []), "_widget_layout": spec.get("layout", {}), "_config": {}}
-    return {**{k: v for k, v in st.items() if k not in ("state", "buffers")}, "state": keep}
-
-def widget_state(model_ids:list, # ids of the widgets shown (their children and layouts come along)
-                )->dict: # the notebook metadata value for application/vnd.jupyter.widget-state+json
-    "The saved state of the shown widgets and every widget they refer to, plotly figures made static."
-    from ipywidgets import Widget
-    from ipywidgets.embed import dependency_state
-    import plotly.basewidget
-    try: from ipywidgets.widgets.widget import _instances as live
-    except ImportError: live = Widget.widgets      # ipywidgets 7
-    missing = [m for m in model_ids if m not in live]
-    if missing: raise KeyError(f"Widgets {missing} are not alive in this process: run the notebook here (execute_notebook).")
-    state = dependency_state([live[m] for m in model_ids], drop_defaults=True)
-    state = {mid: st for mid, st in state.items() if not getattr(live.get(mid), "_md_probe_bundle", False)}  # 5 MB, unneeded
-    for mid, st in state.items():
-        if isinstance(live.get(mid), plotly.basewidget.BaseFigureWidget): state[mid] = _figure_state(live[mid], st)
-    return {"version_major": 2, "version_minor": 0, "state": state}
-
-def execute_notebook(path, # the notebook to run
-                     dest=None, # where to write it (default: over `path`)
-                    )->dict: # {"widgets": number of models saved, "views": number of widget outputs}
-    "Run a notebook with execnb in this process and save its widgets' state in it, for static rendering."
-    import os
-    from execnb.shell import CaptureShell
-    from execnb.nbio import read_nb, write_nb
-    path = Path(path).resolve(); dest = Path(dest).resolve() if dest else path
-    cwd = os.getcwd()
-    try:
-        os.chdir(path.parent)
-        CaptureShell().execute(path, dest, exc_stop=True)
-    finally: os.chdir(cwd)
-    nb = read_nb(dest)
-    views = [o["data"][_VIEW_MIME]["model_id"] for c in nb.cells for o in c.get("outputs", []) if _VIEW_MIME in o.get("data", {})]
-    if views: nb.metadata["widgets"] = {_STATE_MIME: widget_state(views)}
-    else: nb.metadata.pop("widgets", None)
-    write_nb(nb, dest)
-    n = len(nb.metadata["widgets"][_STATE_MIME]["state"]) if views else 0
-    return {"widgets": n, "views": len(views)}

@@ -9,8 +9,9 @@ from collections.abc import Mapping
 import numpy as np
 
 # %% auto #0
-__all__ = ['PALETTE', 'IGNORE', 'IGNORE_COLOR', 'class_colors', 'labels_to_rgb', 'resize_map', 'overlay', 'heatmap_grid',
-           'pca_rgb_figure', 'scatter', 'sweep_heatmap', 'confusion_figure', 'iou_bars', 'heatmap_rgb']
+__all__ = ['PALETTE', 'IGNORE', 'IGNORE_COLOR', 'image_u8', 'class_colors', 'labels_to_rgb', 'resize_map', 'discrete_colorscale',
+           'image_axes', 'label_layer', 'overlay', 'heatmap_grid', 'pca_rgb_figure', 'scatter', 'sweep_heatmap',
+           'confusion_figure', 'iou_bars', 'heatmap_rgb']
 
 # %% ../nbs/08_viz.ipynb #ce7f0f5d
 class _Lazy:
@@ -31,7 +32,9 @@ def _np(x):
     return np.asarray(x)
 
 # %% ../nbs/08_viz.ipynb #c8486009
-def _image_u8(image, name="image"):
+def image_u8(image, # (H, W, 3) or (H, W): uint8, integers in [0, 255], floats in [0, 1] (numpy, tensor or PIL)
+             name:str="image", # what the error messages call it
+            )->np.ndarray: # (H, W, 3) uint8
     "`image` as an (H, W, 3) uint8 array, or a ValueError that says how to fix it."
     a = _np(image)
     if a.ndim == 2: a = np.repeat(a[..., None], 3, axis=-1)  # grey-scale
@@ -107,7 +110,8 @@ def resize_map(x, # (h, w) or (h, w, C) array or tensor
     return (rows[:, c0] * (1 - fc) + rows[:, c1] * fc).astype(np.float32)
 
 # %% ../nbs/08_viz.ipynb #94831f54
-def _discrete_colorscale(colors):
+def discrete_colorscale(colors:list, # one colour per label, e.g. `class_colors(n)`
+                       )->list: # a plotly colorscale: [[fraction, colour], ...]
     "A plotly colorscale that maps integer `i` (with zmin=-0.5, zmax=len(colors)-0.5) to `colors[i]`."
     k = len(colors)
     return [[f, c] for i, c in enumerate(colors) for f in (i / k, (i + 1) / k)]
@@ -118,7 +122,11 @@ def _legend_trace(name, color):
     return go.Scatter(x=[None], y=[None], mode="markers", name=str(name), showlegend=True, hoverinfo="skip",
                       marker=dict(color=color, size=12, symbol="square"))
 
-def _image_axes(fig, title=None, width=None, h=None, w=None):
+def image_axes(fig, # a plotly figure of image-like panels (Image or Heatmap traces on pixel axes)
+               title:str=None, # figure title
+               width:int=None, # figure width in pixels; the height follows the image (needs `h` and `w`)
+               h:int=None, w:int=None, # the image size, for the height
+              ): # `fig`, changed in place
     "Pixel axes: row 0 at the top (y reversed), square pixels, no grid; size the figure to the image."
     fig.update_yaxes(autorange="reversed", constrain="domain", showgrid=False, zeroline=False)
     fig.update_xaxes(constrain="domain", showgrid=False, zeroline=False)
@@ -129,7 +137,9 @@ def _image_axes(fig, title=None, width=None, h=None, w=None):
     return fig
 
 # %% ../nbs/08_viz.ipynb #0e2c520a
-def _label_layer(labels, classes:list)->tuple:
+def label_layer(labels, # (H, W) integer label map; 255 or negative = ignored
+                classes:list, # class names, one per label index
+               )->tuple: # (z, names, present, colors), see below
     """What an overlay draws of a label map: (z float32, NaN where ignored; per-pixel class names; indices of the
     classes present; one colour per class). Live figures update their traces from it without a new figure."""
     lab, ignored, n = _labels(labels, len(classes))
@@ -146,17 +156,17 @@ def overlay(image, # (H, W, 3) uint8 or float in [0, 1] (numpy, tensor or PIL)
            )->_go.Figure: # the image, the label heat map, one legend entry per class present
     "The image with its label map on top: one colour per class, a legend entry per class present."
     import plotly.graph_objects as go
-    img = _image_u8(image)
-    z, names, present, colors = _label_layer(labels, classes)
+    img = image_u8(image)
+    z, names, present, colors = label_layer(labels, classes)
     if z.shape != img.shape[:2]:
         raise ValueError(f"labels are {z.shape} but the image is {img.shape[:2]}: both are (h, w); "
                          "resize the label map with nearest-neighbour first (or did you pass labels.T?).")
     fig = go.Figure([go.Image(z=img, hoverinfo="skip", name="image"),
-                     go.Heatmap(z=z, text=names, zmin=-0.5, zmax=len(colors) - 0.5, colorscale=_discrete_colorscale(colors),
+                     go.Heatmap(z=z, text=names, zmin=-0.5, zmax=len(colors) - 0.5, colorscale=discrete_colorscale(colors),
                                 opacity=opacity, showscale=False, name="labels",
                                 hovertemplate="(%{y}, %{x}) %{text}<extra></extra>")])
     for i in present: fig.add_trace(_legend_trace(classes[i], colors[i]))
-    return _image_axes(fig, title, width, *img.shape[:2])
+    return image_axes(fig, title, width, *img.shape[:2])
 
 # %% ../nbs/08_viz.ipynb #a3e92be0
 def _grid_cells(maps, ncols):
@@ -203,7 +213,7 @@ def heatmap_grid(image, # (H, W, 3) image under the maps, or None to draw the ma
     arrs = {rc: (name, _np(m)) for rc, (name, m) in cells.items()}
     for name, a in arrs.values():
         if a.ndim != 2: raise ValueError(f"map {name!r} must be (h, w); got shape {a.shape}.")
-    img = None if image is None else _image_u8(image)
+    img = None if image is None else image_u8(image)
     ref = img.shape[:2] if img is not None else next(iter(arrs.values()))[1].shape
     size = _fit(*ref, max_side)
     kw = dict(subplot_titles=[arrs[rc][0] if rc in arrs else "" for rc in np.ndindex(nr, nc)]) if flat else \
@@ -224,7 +234,7 @@ def heatmap_grid(image, # (H, W, 3) image under the maps, or None to draw the ma
                                  hovertemplate=f"{name}<br>(%{{y}}, %{{x}}) %{{z:.3g}}<extra></extra>"), r + 1, c + 1)
     fig.update_xaxes(showticklabels=False); fig.update_yaxes(showticklabels=False)
     if shared_scale: fig.update_layout(coloraxis=dict(colorscale=colorscale, cmin=lo, cmax=hi, colorbar=dict(thickness=12)))
-    _image_axes(fig, title)
+    image_axes(fig, title)
     for r, name in enumerate(rows or []): fig.update_yaxes(title_text=name, row=r + 1, col=1)  # row titles on the left
     if not flat: fig.update_layout(margin_l=40)
     ph = panel_width * size[0] / size[1]
@@ -240,8 +250,8 @@ def pca_rgb_figure(rgb, # (h, w, 3) PCA-RGB in [0, 1] (or uint8)
     "A PCA-RGB view of a feature map, beside its image when given (same extent, feature pixels as blocks)."
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
-    rgb = _image_u8(rgb, "rgb")
-    img = None if image is None else _image_u8(image)
+    rgb = image_u8(rgb, "rgb")
+    img = None if image is None else image_u8(image)
     H, W = rgb.shape[:2] if img is None else img.shape[:2]
     h, w = rgb.shape[:2]
     if img is not None and abs(h * W - w * H) > max(H, W):
@@ -251,7 +261,7 @@ def pca_rgb_figure(rgb, # (h, w, 3) PCA-RGB in [0, 1] (or uint8)
     if img is not None: fig.add_trace(go.Image(z=img, name="image"), 1, 1)
     dy, dx = H / h, W / w
     fig.add_trace(go.Image(z=rgb, x0=(dx - 1) / 2, dx=dx, y0=(dy - 1) / 2, dy=dy, name="PCA-RGB"), 1, n)
-    _image_axes(fig, title)
+    image_axes(fig, title)
     return fig.update_layout(width=width, height=int(width / n * H / W) + (40 if title else 10) + 30)
 
 # %% ../nbs/08_viz.ipynb #94dab7b8
@@ -276,7 +286,7 @@ def scatter(points, # (N, 2) projected points, in pixel raster order
             if ignored.any(): raise ValueError("color has ignored labels (255 or negative): drop those points (and keep their pixel indices).")
             names = [str(i) for i in range(n)] if names is None else [str(s) for s in names]
             colors = class_colors(n)
-            marker.update(color=lab, cmin=-0.5, cmax=n - 0.5, colorscale=_discrete_colorscale(colors))
+            marker.update(color=lab, cmin=-0.5, cmax=n - 0.5, colorscale=discrete_colorscale(colors))
             text, hover = np.array(names, dtype=object)[lab], "<br>%{text}"
             legend = [_legend_trace(names[i], colors[i]) for i in np.unique(lab)]
         else:
@@ -376,7 +386,7 @@ def heatmap_rgb(image, # (H, W, 3) image (uint8, float in [0, 1], tensor or PIL)
                 opacity:float=0.6, # weight of the map's colour over the grey image
                )->np.ndarray: # (H, W, 3) uint8
     "The map, scaled to its min..max and coloured (viridis), blended over a grey copy of the image."
-    img = _image_u8(image)
+    img = image_u8(image)
     a = resize_map(m, img.shape[:2])
     a = (a - a.min()) / max(float(a.max() - a.min()), 1e-12) * (len(_VIRIDIS) - 1)
     lo = np.floor(a).astype(int).clip(0, len(_VIRIDIS) - 2)

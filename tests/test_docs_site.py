@@ -1,10 +1,11 @@
 """The documentation site, checked as a reader meets it.
 
-`tools/build-docs` (md_probe.docs, nbs/11_docs.ipynb) builds the site offline, once for a small fake project
-that has every kind of page content (show_doc entries, a callout, a plotly figure, an ipywidgets slider and an
-anywidget, a study) and once for md_probe itself. The browser tests then open every page in Debian's chromium
-through playwright (`.ci/install-browser`; no browser download), served from 127.0.0.1, with every request that
-leaves 127.0.0.1 aborted and counted. Screenshots go to test-results/screenshots/.
+`tools/build-docs` (tools/docsite/build.py, from nbs/dev/00_docs_site.ipynb) builds the site offline, once for a
+small fake project that has every kind of page content (show_doc entries, a callout, a plotly figure, an ipywidgets
+slider and an anywidget, a study) and once for md_probe itself. The browser tests then open every page in Debian's
+chromium through playwright (`.ci/install-browser`; no browser download), served from 127.0.0.1, with every request
+that leaves 127.0.0.1 aborted and counted. Screenshots go to test-results/screenshots/. The documentation as
+written (exported names, title cells) is checked without a build, in tests/test_docs_written.py.
 """
 import functools, http.server, json, os, re, shutil, subprocess, sys, threading, time
 from contextlib import contextmanager
@@ -15,6 +16,7 @@ from urllib.parse import unquote, urljoin, urlparse
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))   # docsite: the docs tools are not part of the installed package
 SHOTS = ROOT / "test-results" / "screenshots"
 NPM_CACHE = ROOT / "build" / "docs" / "npm"   # tarballs from the npm registry, shared between builds (git-ignored)
 CHROMIUM = "/usr/bin/chromium"
@@ -109,7 +111,7 @@ def make_fake_project(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def fake_site(tmp_path_factory):
-    from md_probe.docs import build_site
+    from docsite.build import build_site
     root = make_fake_project(tmp_path_factory.mktemp("fake"))
     rep = build_site(root / "_site", root=root, jobs=2, work=root / "build" / "docs", npm_cache=NPM_CACHE)
     return root, rep
@@ -118,7 +120,7 @@ def fake_site(tmp_path_factory):
 @pytest.fixture(scope="module")
 def real_site(tmp_path_factory):
     "md_probe's own site, built once from the committed notebooks (their outputs are rendered, not recomputed)."
-    from md_probe.docs import build_site
+    from docsite.build import build_site
     tmp = tmp_path_factory.mktemp("real")
     t0 = time.time()
     rep = build_site(tmp / "_site", root=ROOT, jobs=2, work=tmp / "work", npm_cache=NPM_CACHE)
@@ -224,7 +226,7 @@ def test_real_site_builds(real_site):
     assert secs < BUILD_LIMIT_S, f"the build took {secs:.0f} s"
     assert rep.pages[0] == "index" and rep.pages[-1] == "api"
     nbs = [p for p in (ROOT / "nbs").rglob("*.ipynb") if not any(o.startswith(("_", ".")) for o in p.relative_to(ROOT / "nbs").parts)]
-    from md_probe.docs import page_name
+    from docsite.build import page_name
     missing = [str(p.relative_to(ROOT)) for p in nbs if page_name(p.relative_to(ROOT / "nbs")) not in rep.pages]
     assert missing == [], f"notebooks without a page: {missing} (see the build's problems: {rep.problems})"
     assert [p for p in rep.problems if " loads " in p] == []            # nothing from another host
@@ -256,23 +258,6 @@ def test_real_site_api_lists_every_exported_name(real_site):
     assert missing == [], "\n".join(missing)
 
 
-# ---------------------------------------------------------------------------------- the docs, as written
-def test_every_exported_name_documented():
-    "Each exported name is followed, before the next export, by prose and a code cell that uses it."
-    from md_probe.docs import undocumented_names
-    bad = undocumented_names(ROOT)
-    assert bad == {}, "\n" + "\n".join(f"{nb}: {n}" for nb, names in bad.items() for n in names)
-
-def test_title_cells_keep_their_prose():
-    "nbdev turns the whole `# Title` cell into the page title and summary: prose there never reaches the docs."
-    from md_probe.docs import title_cell_extras, _visible
-    nbs = ROOT / "nbs"
-    bad = {str(p.relative_to(ROOT)): title_cell_extras(json.loads(p.read_text())["cells"])
-           for p in sorted(nbs.rglob("*.ipynb")) if _visible(p, nbs)}
-    bad = {k: v for k, v in bad.items() if v}
-    assert bad == {}, "\n" + "\n".join(f"{k}: {len(v)} line(s) dropped, from {v[0][:80]!r}" for k, v in bad.items())
-
-
 # ---------------------------------------------------------------------------------- the Quarto path
 def test_quarto_config_is_what_nbdev_reads():
     import yaml
@@ -298,8 +283,8 @@ def test_nbdev_sidebar_in_notebook_order(tmp_path):
     files = [c for c in contents if isinstance(c, str)]
     assert files[0] == "index.ipynb" and files[1:] == sorted(files[1:])
     sections = [c for c in contents if isinstance(c, dict)]
-    if (ROOT / "nbs" / "studies").exists() and any((ROOT / "nbs" / "studies").glob("*.ipynb")):
-        assert [s["section"] for s in sections] == ["studies"]
+    folders = sorted(d.name for d in (ROOT / "nbs").iterdir() if d.is_dir() and not d.name.startswith(("_", ".")) and any(d.glob("*.ipynb")))
+    assert [s["section"] for s in sections] == folders == ["dev", "studies"]   # the developer tools' pages, the studies
 
 def test_build_docs_command_help():
     r = subprocess.run([str(ROOT / "tools" / "build-docs"), "--help"], capture_output=True, text=True)

@@ -1,6 +1,8 @@
 """Tests of md_probe.explorers beyond the notebook's asserts: UNet calls counted for every control of every explorer,
-every control changes what is plotted, clicks and selections through plotly's callback objects, the saved widget
-state (static figures, every reference resolved) and a cheap import."""
+every control changes what is plotted, clicks and selections through plotly's callback objects, idle-time warm-ups
+and a cheap import. (The saved widget state, a docs tool, is tested in tests/test_snapshots.py; the plotly widget
+transport in tests/test_widgets.py.)
+"""
 import json, re, subprocess, sys
 import numpy as np, pytest, torch
 
@@ -224,51 +226,6 @@ def test_errors_name_the_fix(shapes, scene):
     attn_only = probe(shapes, scene.image, "circle", cross_attention=True)
     with pytest.raises(ValueError, match="layers=\\[...\\]"): FeatureExplorer(attn_only)
     with pytest.raises(TypeError, match="index of one of its images"): FeatureExplorer(feats_only, scene.image)
-
-
-def test_widget_state_is_static_and_complete(shapes, scene):
-    from md_probe.explorers import AttentionExplorer, ClusterExplorer, widget_state
-    exs = [AttentionExplorer(shapes, scene.image, scene.prompt()), ClusterExplorer(shapes, scene.image)]
-    state = widget_state([e.widget.model_id for e in exs])
-    assert state["version_major"] == 2 and state["version_minor"] == 0
-    st = state["state"]
-    text = json.dumps(st)                                        # JSON as saved, no binary left behind
-    refs = set(re.findall(r"IPY_MODEL_([0-9a-f]{32})", text))
-    assert refs and refs <= set(st), refs - set(st)
-    figs = [e.fig for e in exs]
-    for fw in figs:
-        s = st[fw.model_id]
-        assert s["model_module"] == "anywidget" and "buffers" not in s
-        assert len(s["state"]["_esm"]) < 4000 and "Plotly.newPlot" in s["state"]["_esm"]
-        assert [t["type"] for t in s["state"]["_widget_data"]] == [t.type for t in fw.data]
-        assert not any(k.startswith(("_js2py", "_py2js")) for k in s["state"])
-    # the plotted data survives: the scatter's x as saved (plotly's base64 typed array) equals the live one
-    import base64
-    x = st[exs[1].fig.model_id]["state"]["_widget_data"][0]["x"]
-    arr = np.frombuffer(base64.b64decode(x["bdata"]), dtype=x["dtype"]) if isinstance(x, dict) else np.asarray(x)
-    np.testing.assert_allclose(arr, np.asarray(exs[1].fig.data[0].x), rtol=1e-6)
-    assert len(text) < 600_000
-    assert len(exs[0].fig._bundle.source) > 1_000_000       # the live figure keeps plotly's own front end ...
-    assert exs[0].fig._bundle.model_id not in st              # ... but the snapshot does not carry it
-
-
-def test_execute_notebook_saves_widget_state(tmp_path):
-    from md_probe.explorers import execute_notebook
-    nb = {"cells": [{"cell_type": "code", "metadata": {}, "execution_count": None, "outputs": [], "source":
-                     "import numpy as np, torch\ntorch.set_num_threads(1)\nfrom md_probe.models import load_model\n"
-                     "from md_probe.shapes import make_scenes\nfrom md_probe.explorers import AttentionExplorer\n"
-                     "s = make_scenes(1, seed=12345)[0]\nAttentionExplorer(load_model('shapes'), s.image, s.prompt())"},
-                    {"cell_type": "code", "metadata": {}, "execution_count": None, "outputs": [], "source": "1 + 1"}],
-          "metadata": {"kernelspec": {"display_name": "python3", "language": "python", "name": "python3"}},
-          "nbformat": 4, "nbformat_minor": 5}
-    p = tmp_path / "demo.ipynb"
-    p.write_text(json.dumps(nb))
-    info = execute_notebook(p)
-    out = json.loads(p.read_text())
-    view = out["cells"][0]["outputs"][0]["data"]["application/vnd.jupyter.widget-view+json"]["model_id"]
-    st = out["metadata"]["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
-    assert info["views"] == 1 and view in st and info["widgets"] == len(st)
-    assert "AttentionExplorer(" in "".join(out["cells"][0]["outputs"][0]["data"]["text/plain"])
 
 
 def test_idle_time_warms_the_neighbouring_settings(shapes, scene, unet_calls):

@@ -1,4 +1,8 @@
-"Every notebook in nbs/ runs as a test through nbdev's own runner (the notebooks hold the documented assertions)."
+"""Every notebook in nbs/ runs as a test through nbdev's own runner (the notebooks hold the documented assertions).
+
+That includes the developer tools' notebooks in nbs/dev/ (the docs-site builder and the widget snapshots, exported
+to tools/docsite/): their assertions are those tools' unit tests, and they run in seconds (what would be slow, the
+site build and npm, is `#| eval: false` there and runs once in tests/test_docs_site.py)."""
 import os, pytest
 from pathlib import Path
 

@@ -1,5 +1,6 @@
 "Tests of md_probe.viz beyond the notebook's asserts: orientation on non-square images, one palette, cheap import."
 import base64, io, json, subprocess, sys
+from pathlib import Path
 import numpy as np, pandas as pd, pytest, torch
 from hypothesis import given, settings, strategies as st
 from PIL import Image
@@ -41,7 +42,7 @@ def test_import_is_cheap():
 
 
 def test_viz_imports_nothing_of_md_probe():
-    lines = [l.strip() for l in open(viz.__file__).read().splitlines()]
+    lines = [l.strip() for l in Path(viz.__file__).read_text().splitlines()]
     assert not [l for l in lines if l.startswith(("import md_probe", "from md_probe", "from ."))]
 
 
