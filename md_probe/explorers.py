@@ -8,7 +8,7 @@ import collections, dataclasses, html, math, time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from .models import DiffusionModel, normalize_word
+from .models import DiffusionModel, normalize_word, STOPWORDS
 from .probe import ProbeCache, probe
 from .widgets import figure_widget
 
@@ -149,7 +149,8 @@ def _source(src, image=None, prompt="", **probe_kw)->tuple:
 def _timesteps(model:DiffusionModel, timesteps)->list:
     "The timesteps an explorer probes by default: 0, the model's own, 100 and 300 (one UNet call for all)."
     if timesteps is not None: return list(timesteps) if not isinstance(timesteps, int) else [timesteps]
-    return sorted({0, int(model.defaults.get("timestep", 0)), 100, 300})
+    from md_probe.segment import family_defaults
+    return sorted({0, int(family_defaults(model).get("timestep", 0)), 100, 300})
 
 # %% ../nbs/09_explorers.ipynb #0a1a199f
 def _layer_groups(cache:ProbeCache)->dict:
@@ -184,7 +185,7 @@ class AttentionExplorer(Explorer):
         W = _ipywidgets()
         words = _prompt_words(cache)
         if not words: raise ValueError("The cache's prompt has no words to show (was the generation given prompt_embeds?).")
-        first = word or next((w for w in words if w not in ("and", "a", "the", "on", "of", "with", "in")), words[0])
+        first = word or next((w for w in words if w not in STOPWORDS), words[0])
         self.groups = _layer_groups(cache)
         ts = _unique(cache.timesteps)
         self._control("word", W.Dropdown(options=words, value=normalize_word(first), description="word"), self._redraw)
@@ -410,19 +411,19 @@ class ClusterExplorer(_PixelFeatures):
                  timesteps=None, # with a model: timesteps probed in one call
                  layers=None, # with a model: layers to probe (default: every resnet's output)
                  k:int=3, # clusters
-                 method:str="k-means", # "k-means" or "spectral"
-                 projection:str="PCA", # "PCA" or "UMAP"
+                 method:str="kmeans", # "kmeans" or "spectral"
+                 projection:str="pca", # "pca" or "umap"
                  width:int=420, # width of each of the two panels in pixels
                  **probe_kw):
-        if method not in ("k-means", "spectral"): raise ValueError(f"method={method!r}: use 'k-means' or 'spectral'.")
-        if projection not in ("PCA", "UMAP"): raise ValueError(f"projection={projection!r}: use 'PCA' or 'UMAP'.")
+        if method not in ("kmeans", "spectral"): raise ValueError(f"method={method!r}: use 'kmeans' or 'spectral'.")
+        if projection not in ("pca", "umap"): raise ValueError(f"projection={projection!r}: use 'pca' or 'umap'.")
         super().__init__(source, image, prompt, timesteps, layers, probe_kw, self._refresh)
         W = _ipywidgets()
         self.selected = np.zeros(0, np.int64)
-        self._control("method", W.ToggleButtons(options=["k-means", "spectral"], value=method), self._refresh)
+        self._control("method", W.ToggleButtons(options=[("k-means", "kmeans"), ("spectral", "spectral")], value=method), self._refresh)
         self._control("k", W.IntSlider(value=k, min=2, max=12, description="k"), self._refresh)
         self._control("eigengap", W.Checkbox(value=False, description="k by eigengap (spectral)", indent=False), self._refresh)
-        self._control("projection", W.ToggleButtons(options=["PCA", "UMAP"], value=projection), self._refresh)
+        self._control("projection", W.ToggleButtons(options=[("PCA", "pca"), ("UMAP", "umap")], value=projection), self._refresh)
         self.k_label = W.HTML()
         self.fig = self._figure("clusters", self._build(width))
         self.fig._config = self.fig._config | {"editSelection": False}   # a drag starts a new selection, not moves the old
@@ -438,7 +439,7 @@ class ClusterExplorer(_PixelFeatures):
         m = (projection or self.controls["projection"].value,) + (key or self._key())
         if m not in self._memo:
             x = self.features(m[1:])
-            self._memo[m] = np.asarray(pca(x, 2) if m[0] == "PCA" else umap_embed(x, seed=0)).astype(np.float32)
+            self._memo[m] = np.asarray(pca(x, 2) if m[0] == "pca" else umap_embed(x, seed=0)).astype(np.float32)
         return self._memo[m]
 
     def _auto_k(self)->bool: return self.controls["method"].value == "spectral" and self.controls["eigengap"].value
@@ -447,7 +448,7 @@ class ClusterExplorer(_PixelFeatures):
         "The (h*w,) cluster labels for the chosen method and k (or eigengap)."
         return self.clusters(self.controls["method"].value, None if self._auto_k() else self.controls["k"].value)
 
-    def clusters(self, method:str, # "k-means" or "spectral"
+    def clusters(self, method:str, # "kmeans" or "spectral"
                  k:int|None, # clusters; None: spectral clustering's eigengap chooses
                  key:tuple|None=None, # (layer, timestep); default: the chosen ones
                 )->np.ndarray: # (h*w,) labels of the pixels, computed once per setting
@@ -456,7 +457,7 @@ class ClusterExplorer(_PixelFeatures):
         m = (method, k) + (key or self._key())
         if m not in self._memo:
             x = self.features(m[2:])
-            self._memo[m] = np.asarray(kmeans(x, k, seed=0) if method == "k-means" else spectral_clustering(x, k, seed=0))
+            self._memo[m] = np.asarray(kmeans(x, k, seed=0) if method == "kmeans" else spectral_clustering(x, k, seed=0))
         return self._memo[m]
 
     def _warm(self):
@@ -469,7 +470,7 @@ class ClusterExplorer(_PixelFeatures):
         for name, i in (("layer", 0), ("timestep", 1)):
             for other in _neighbours(c[name]):
                 near = key[:i] + (other,) + key[i + 1:]
-                if proj == "PCA": self._when_idle(lambda near=near: self.points("PCA", near))
+                if proj == "pca": self._when_idle(lambda near=near: self.points("pca", near))
                 self._when_idle(lambda near=near: self.clusters(method, k, near))
 
     def highlight(self)->np.ndarray:
@@ -516,7 +517,7 @@ class ClusterExplorer(_PixelFeatures):
         fig.data[0].marker.update(color=lab, cmin=-0.5, cmax=k - 0.5, colorscale=scale)
         fig.data[2].update(z=lab.reshape(h, w).astype(np.float32), zmin=-0.5, zmax=k - 0.5, colorscale=scale, **grid)
         fig.data[3].update(z=self.highlight(), **grid)
-        fig.layout.annotations[0].text = f"{c['projection'].value} of the pixel features"
+        fig.layout.annotations[0].text = f"{c['projection'].label} of the pixel features"
         _set_legend(fig.data[4:], [f"cluster {i}" for i in present], [colors[i] for i in present])
         self.k_label.value = f"k = {k}" + (" (eigengap)" if self._auto_k() else "")
 
@@ -535,19 +536,6 @@ class ClusterExplorer(_PixelFeatures):
         self.fig.data[3].z = self.highlight()
 
 # %% ../nbs/09_explorers.ipynb #3a9fd34f
-@dataclasses.dataclass
-class _Head:
-    "The MaskDiffusion head's options, as `MaskDiffusion.head` reads them."
-    feature_layers: list
-    attention_layers: list
-    feature_size: int = 32
-    attention_size: int = 32
-    similarity: str = "cosine"
-    attention: str = "softmax"
-    weight_power: float = 1.0
-    threshold: float|None = None
-    presence: float|None = None
-
 def _class_list(text)->list:
     from md_probe.segment import check_classes
     return check_classes(text if isinstance(text, (list, tuple)) else [c.strip() for c in str(text).split(",") if c.strip()])
@@ -566,7 +554,7 @@ class SegmentationExplorer(Explorer):
         W = _ipywidgets()
         if isinstance(source, DiffusionModel):
             self.md = MaskDiffusion(source, **options)
-            self.timesteps = list(timesteps or [self.md.timestep])
+            self.timesteps = list(timesteps or [self.md.config.timestep])
             cache, model = None, source
             if image is None: raise ValueError("Pass the image to segment: SegmentationExplorer(model, image, classes=[...]).")
             self.input = image
@@ -576,21 +564,21 @@ class SegmentationExplorer(Explorer):
             self.input = None
         else: raise TypeError(f"Build an explorer from a ProbeCache or from (model, image); got {type(source).__name__}.")
         if not classes and cache is not None:  # a cache's prompt words, joiners left out
-            classes = [w for w in _prompt_words(cache) if w not in ("and", "a", "the", "on", "of", "with", "in")]
+            classes = [w for w in _prompt_words(cache) if w not in STOPWORDS]
         classes = _class_list(classes)
         super().__init__(cache, model, image if isinstance(image, int) else 0)
         self._probed_for = None
         if model is not None: self._probe(classes)
-        self.head = self._default_head()
-        self.groups = {"method default": self.head.attention_layers} | _layer_groups(self.cache)
+        self.config = self._default_config()
+        self.groups = {"method default": self.config.attention_layers} | _layer_groups(self.cache)
         self._control("classes", W.Text(value=", ".join(classes), description="classes", continuous_update=False,
                                          layout=W.Layout(width="420px")), self._on_classes)
-        self._control("similarity", W.ToggleButtons(options=["cosine", "dot"], value=self.head.similarity), self._redraw)
-        self._control("attention", W.ToggleButtons(options=["softmax", "exp_logits"], value=self.head.attention), self._redraw)
-        self._control("power", W.FloatSlider(value=self.head.weight_power, min=0.25, max=4, step=0.25, description="weight power"), self._redraw)
-        self._control("use_threshold", W.Checkbox(value=self.head.threshold is not None, description="threshold", indent=False), self._redraw)
-        self._control("threshold", W.FloatSlider(value=0.5 if self.head.threshold is None else self.head.threshold, min=-1, max=1,
-                                                 step=0.05, description="score ≥", disabled=self.head.threshold is None), self._redraw)
+        self._control("similarity", W.ToggleButtons(options=["cosine", "dot"], value=self.config.similarity), self._redraw)
+        self._control("attention", W.ToggleButtons(options=["softmax", "exp_logits"], value=self.config.attention), self._redraw)
+        self._control("power", W.FloatSlider(value=self.config.weight_power, min=0.25, max=4, step=0.25, description="weight power"), self._redraw)
+        self._control("use_threshold", W.Checkbox(value=self.config.threshold is not None, description="threshold", indent=False), self._redraw)
+        self._control("threshold", W.FloatSlider(value=0.5 if self.config.threshold is None else self.config.threshold, min=-1, max=1,
+                                                 step=0.05, description="score ≥", disabled=self.config.threshold is None), self._redraw)
         self._control("layers", W.Dropdown(options=list(self.groups), description="attention"), self._redraw)
         self._control("timestep", W.Dropdown(options=self.timesteps, value=self.timesteps[0], description="timestep"), self._redraw)
         self._control("opacity", W.FloatSlider(value=0.5, min=0, max=1, step=0.05, description="opacity"), self._restyle)
@@ -609,43 +597,42 @@ class SegmentationExplorer(Explorer):
         self.figure_box.children = [self.fig]
         if old is not None: old.close()
 
-    def _default_head(self)->_Head:
-        if self.md is not None:
-            m = self.md
-            return _Head(m.feature_layers, m.attention_layers, m.feature_size, m.attention_size, m.similarity,
-                         m.attention, m.weight_power, m.threshold, m.presence)
+    def _default_config(self):
+        "The MaskDiffusion options the controls start from: the segmenter's config, or the cache's layers."
+        from md_probe.segment import MaskDiffusionConfig
+        if self.md is not None: return self.md.config
         c = self.cache
         if not (c.features_ and c.attention_): raise ValueError("The cache needs features and cross-attention: probe with layers=[...] and cross_attention=True.")
-        return _Head(c.layers, c.attention_layers, 32, 32)
+        return MaskDiffusionConfig(feature_layers=tuple(c.layers), attention_layers=tuple(c.attention_layers))   # grids 32
 
     def _probe(self, classes):
         "Probe the image for `classes`: one UNet call (all timesteps and class prompts in its batch)."
         from md_probe.segment import build_prompts
-        m = self.md
+        m = self.md.config
         cp = build_prompts(self.model.tokenizer, classes, self.model.max_length, m.joiner, m.template)
         self.cache = probe(self.model, [self.input], cp.prompts, timesteps=self.timesteps, layers=m.feature_layers,
-                           cross_attention=True, seed=m.seed, capture=m.feature_capture, with_lse=True, size=m.size,
+                           cross_attention=True, seed=m.seed, capture=m.read, with_lse=True, size=m.image_size,
                            keep_aspect=m.keep_aspect)
         self.image, self._where, self._probed_for = 0, cp.where, [normalize_word(c) for c in classes]
 
     def _where_of(self, classes)->list:
         if self.model is not None: return self._where
-        from md_probe.segment import _where_in_cache
-        try: return _where_in_cache(self.cache, classes)
+        from md_probe.segment import where_in_cache
+        try: return where_in_cache(self.cache, classes)
         except KeyError as e:
             raise KeyError(f"{e.args[0]} Without a model the classes must be words of the cached prompt: "
                            "build the explorer from (model, image) to try new class names.") from None
 
     def segment(self, classes=None):
         "The `Segmentation` the controls select for `classes` (default: the current ones); no UNet call."
-        from md_probe.segment import MaskDiffusion
+        from md_probe.segment import maskdiffusion_head
         c = self.controls
-        head = dataclasses.replace(self.head, similarity=c["similarity"].value, attention=c["attention"].value,
+        config = dataclasses.replace(self.config, similarity=c["similarity"].value, attention=c["attention"].value,
                                    weight_power=c["power"].value, attention_layers=self.groups[c["layers"].value],
                                    threshold=c["threshold"].value if c["use_threshold"].value else None)
         cache = _sub_cache(self.cache, self.cache.timesteps.index(c["timestep"].value))
         classes = classes or self.classes
-        return MaskDiffusion.head(head, cache, classes, self._where_of(classes), self.image)
+        return maskdiffusion_head(cache, classes, self._where_of(classes), config, self.image)
 
     def _overlay(self):
         "The label overlay of the current segmentation (a plotly figure: image, labels, legend)."

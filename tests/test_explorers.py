@@ -161,7 +161,7 @@ def test_cluster_explorer_umap(shapes, scene, unet_calls):
     ex = ClusterExplorer(shapes, scene.image)
     unet_calls.clear()
     x0 = np.asarray(ex.fig.data[0].x).copy()
-    ex.controls["projection"].value = "UMAP"
+    ex.controls["projection"].value = "umap"
     assert ex.status.value == "" and not np.allclose(np.asarray(ex.fig.data[0].x), x0)
     assert ex.fig.layout.annotations[0].text.startswith("UMAP")
     assert unet_calls == []
@@ -234,21 +234,21 @@ def test_idle_time_warms_the_neighbouring_settings(shapes, scene, unet_calls):
     from md_probe.explorers import ClusterExplorer
     ex = ClusterExplorer(shapes, scene.image, k=4)                  # no loop here: nothing is warmed
     key = ex._key()
-    assert ("k-means", 5) + key not in ex._memo and len(ex._idle) == 0
+    assert ("kmeans", 5) + key not in ex._memo and len(ex._idle) == 0
     async def move_and_idle():
         ex.controls["k"].value = 5                                   # an update inside the loop queues warm-ups
-        assert ("k-means", 6) + key not in ex._memo                  # ... which wait for idle time
+        assert ("kmeans", 6) + key not in ex._memo                  # ... which wait for idle time
         for _ in range(200):
             if not ex._idle: break
             await asyncio.sleep(0.01)
     asyncio.run(move_and_idle())
     assert not ex._idle
-    for k in (4, 6): assert ("k-means", k) + key in ex._memo         # the k slider's neighbours
+    for k in (4, 6): assert ("kmeans", k) + key in ex._memo         # the k slider's neighbours
     layers = list(ex.controls["layer"].options)
     i = layers.index(key[0])
     for other in [layers[j] for j in (i - 1, i + 1) if 0 <= j < len(layers)]:
-        assert ("k-means", 5, other, key[1]) in ex._memo and ("PCA", other, key[1]) in ex._memo
-    np.testing.assert_array_equal(ex.clusters("k-means", 6), ClusterExplorer(ex.cache, k=6).labels())  # same result
+        assert ("kmeans", 5, other, key[1]) in ex._memo and ("pca", other, key[1]) in ex._memo
+    np.testing.assert_array_equal(ex.clusters("kmeans", 6), ClusterExplorer(ex.cache, k=6).labels())  # same result
     assert unet_calls[1:] == []                                      # the explorer's own probe only
 
 
