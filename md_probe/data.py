@@ -15,9 +15,9 @@ from PIL import Image
 __all__ = ['IGNORE', 'DATASET_NAMES', 'ALIASES', 'CLASS_FILES', 'READERS', 'data_root', 'DatasetNotFoundError', 'canonical_name',
            'classes_dir', 'check_prompt_names', 'read_class_file', 'class_names', 'label_table', 'label_lut',
            'keep_lut', 'reduce_zero_lut', 'apply_lut', 'cityscapes_to_19', 'cityscapes_to_27', 'cocostuff_to_27',
-           'potsdam_to_3', 'read_image', 'read_label', 'resize_crop', 'keep_aspect', 'get_transform', 'SegDataset',
-           'make_fake_dataset', 'CocoStuff27', 'Cityscapes', 'Cityscapes27', 'Potsdam3', 'PascalVOC', 'PascalContext59',
-           'ADE20K', 'ShapesDataset', 'load_dataset']
+           'potsdam_to_3', 'read_image', 'read_label', 'resize_crop', 'resize_label', 'keep_aspect', 'get_transform',
+           'SegDataset', 'make_fake_dataset', 'CocoStuff27', 'Cityscapes', 'CityscapesOV', 'Cityscapes27', 'Potsdam3',
+           'PascalVOC', 'PascalContext59', 'ADE20K', 'ShapesDataset', 'load_dataset']
 
 # %% ../nbs/06_data.ipynb #a5629955
 IGNORE = 255  # the ignore label of every mask this module returns
@@ -32,7 +32,7 @@ class DatasetNotFoundError(FileNotFoundError):
     "A dataset folder is missing or does not match its published layout; the message shows the expected tree and where to get it."
 
 # %% ../nbs/06_data.ipynb #7adfdef0
-DATASET_NAMES = ("cocostuff27", "cocostuff27_full", "cityscapes", "cityscapes27", "potsdam3",
+DATASET_NAMES = ("cocostuff27", "cocostuff27_full", "cityscapes", "cityscapes27", "cityscapes_ov", "potsdam3",
                  "voc", "context59", "ade20k", "shapes")
 ALIASES = MappingProxyType({"cocostuff": "cocostuff27", "coco_stuff27": "cocostuff27", "cityscapes19": "cityscapes",
                             "potsdam": "potsdam3", "pascal_voc": "voc", "voc2012": "voc", "context": "context59",
@@ -82,7 +82,8 @@ def read_class_file(path, # a class-name file: 'prompt name' or 'prompt name | p
 
 # %% ../nbs/06_data.ipynb #39453fbd
 CLASS_FILES = MappingProxyType({"cocostuff27": "cocostuff27", "cocostuff27_full": "cocostuff27",
-                                "cityscapes": "cityscapes", "cityscapes27": "cityscapes27", "potsdam3": "potsdam3",
+                                "cityscapes": "cityscapes", "cityscapes27": "cityscapes27", "cityscapes_ov": "cityscapes_ov",
+                                "potsdam3": "potsdam3",
                                 "voc": "voc", "context59": "context59", "ade20k": "ade20k"})
 
 def _class_lists(dataset):
@@ -199,6 +200,17 @@ def resize_crop(image:np.ndarray, # (H, W, 3) uint8
     img = img[top:top + size, left:left + size]
     if mask is None: return img, None
     return img, _nearest(mask, (nh, nw))[top:top + size, left:left + size]
+
+def resize_label(image:np.ndarray, # (H, W, 3) uint8, returned as it is
+                 mask:np.ndarray|None=None, # (H, W) label map, or None
+                 size:tuple=(256, 352), # (h, w) of the output mask
+                )->tuple: # (image (H, W, 3), mask (h, w) int64 or None)
+    "The MaskDiffusion authors' Cityscapes scoring: the image as stored, the mask resized to `size` by PIL's nearest filter."
+    image = _check_image(image, mask)
+    if mask is None: return image, None
+    h, w = size
+    m = np.asarray(mask).astype(np.int32)               # PIL mode 'I': every label value survives
+    return image, np.asarray(Image.fromarray(m).resize((w, h), Image.Resampling.NEAREST)).astype(np.int64)
 
 def keep_aspect(image:np.ndarray, mask:np.ndarray|None=None)->tuple:
     "Our protocol: image and mask unchanged (the model pads to a multiple of 64 and predicts at full size)."
@@ -393,7 +405,7 @@ def _fake_ade20k(root, n, split, size, rng):
         _save(d / "images" / sub / f"{stem}.jpg", img); _save(d / "annotations" / sub / f"{stem}.png", raw.astype(np.uint8))
 
 _FAKE_WRITERS = MappingProxyType({"cocostuff27": _fake_cocostuff, "cocostuff27_full": _fake_cocostuff,
-    "cityscapes": _fake_cityscapes, "cityscapes27": _fake_cityscapes, "potsdam3": _fake_potsdam,
+    "cityscapes": _fake_cityscapes, "cityscapes27": _fake_cityscapes, "cityscapes_ov": _fake_cityscapes, "potsdam3": _fake_potsdam,
     "voc": _fake_voc, "context59": _fake_context59, "ade20k": _fake_ade20k})
 
 def make_fake_dataset(name:str, # a dataset name (see `DATASET_NAMES`)
@@ -474,6 +486,13 @@ class Cityscapes(SegDataset):
         return items
 
     def _make_lut(self): return label_lut("cityscapes_labels", "id", "train_id")
+
+class CityscapesOV(Cityscapes):
+    "Cityscapes' 19 classes as the MaskDiffusion authors score them: prompts 'light'/'sign', labels at 256 x 352."
+    name = "cityscapes_ov"
+    protocol = ("MaskDiffusion authors (Valkyrja3607/MaskDiffusion): 19 trainId classes, prompts 'light'/'sign', "
+                "labels nearest-resized to 256x352 and scored there")
+    protocol_transform = functools.partial(resize_label, size=(256, 352))
 
 class Cityscapes27(Cityscapes):
     "Cityscapes with the 27 classes of the unsupervised protocol (labelId - 7; STEGO, PiCIE, DiffSeg)."
@@ -616,7 +635,7 @@ class ShapesDataset(SegDataset):
 
 # %% ../nbs/06_data.ipynb #2fbc5a7d
 READERS = MappingProxyType({"cocostuff27": CocoStuff27, "cocostuff27_full": CocoStuff27, "cityscapes": Cityscapes,
-                            "cityscapes27": Cityscapes27, "potsdam3": Potsdam3, "voc": PascalVOC,
+                            "cityscapes27": Cityscapes27, "cityscapes_ov": CityscapesOV, "potsdam3": Potsdam3, "voc": PascalVOC,
                             "context59": PascalContext59, "ade20k": ADE20K, "shapes": ShapesDataset})
 
 def load_dataset(name:str, # dataset name or alias (see `DATASET_NAMES`, `ALIASES`)

@@ -17,10 +17,11 @@ from .sweep import default_grid
 from .utils import atomic_write
 
 # %% auto #0
-__all__ = ['FAMILY_DEFAULTS', 'Segmentation', 'check_classes', 'ClassPrompts', 'build_prompts', 'class_attention',
+__all__ = ['FAMILY_DEFAULTS', 'Segmentation', 'check_classes', 'ClassPrompts', 'build_prompts', 'grid_shape', 'class_attention',
            'pixel_features', 'upsample_scores', 'scores_to_labels', 'family_defaults', 'CaptureSpec', 'MethodConfig',
            'MaskDiffusionConfig', 'maskdiffusion_head', 'MaskDiffusion', 'where_in_cache', 'attention_argmax_head',
-           'attention_argmax', 'oracle_segment', 'UnsupervisedConfig', 'unsupervised_head', 'UnsupervisedMaskDiffusion']
+           'attention_argmax', 'oracle_segment', 'UnsupervisedConfig', 'cluster_segments', 'unsupervised_head',
+           'UnsupervisedMaskDiffusion']
 
 # %% ../nbs/05_segment.ipynb #f30d73fc
 @dataclass
@@ -141,9 +142,18 @@ def _try_tokenize(tokenizer, prompt, max_length):
     except ValueError: return None
 
 # %% ../nbs/05_segment.ipynb #e0dccc9d
+def grid_shape(grid:int|tuple, # an int: the long side; or (h, w), used as it is
+               latent_hw:tuple, # the latent grid (h, w) that the grid covers
+              )->tuple:
+    "The (h, w) of a common grid: an int is the long side, the short side follows the latent's aspect."
+    if not isinstance(grid, (int, np.integer)): return tuple(int(s) for s in grid)
+    (lh, lw), g = latent_hw, int(grid)
+    short = lambda a, b: max(1, int(g * a / b + 0.5))      # the short side, rounded half up
+    return (g, short(lw, lh)) if lh >= lw else (short(lh, lw), g)
+
 def class_attention(cache:ProbeCache, where:list, # per class: (prompt index, token positions)
                     layers=None, # attn2 layers (default: all recorded)
-                    grid:int|tuple=32, # side (or (h, w)) of the common grid
+                    grid:int|tuple=32, # long side of the common grid (see `grid_shape`), or (h, w)
                     attention:str="softmax", # "softmax" or "exp_logits"
                     image:int=0, # which image of the cache
                     step:int=0, # which timestep: an index into `cache.timesteps`
@@ -151,7 +161,7 @@ def class_attention(cache:ProbeCache, where:list, # per class: (prompt index, to
     "The (C, h, w) attention maps of the classes; each divided by its maximum when `normalize`."
     if attention not in ("softmax", "exp_logits"): raise ValueError(f"attention={attention!r}: use 'softmax' or 'exp_logits'.")
     layers = list(layers or cache.attention_)
-    grid = (grid, grid) if isinstance(grid, int) else tuple(grid)
+    grid = grid_shape(grid, cache.latent_hw)
     out = []
     for p, pos in where:
         maps = []
@@ -167,28 +177,51 @@ def class_attention(cache:ProbeCache, where:list, # per class: (prompt index, to
     return m / m.flatten(1).amax(1).clamp(min=1e-12)[:, None, None] if normalize else m
 
 def pixel_features(cache:ProbeCache, layers=None, # feature layers (default: all recorded)
-                   grid:int|tuple=32, # side (or (h, w)) of the common grid
+                   grid:int|tuple=32, # long side of the common grid (see `grid_shape`), or (h, w)
                    image:int=0, step:int=0, # which image, which timestep (an index into `cache.timesteps`)
                    prompt:int=0)->torch.Tensor:
     "The (D, h, w) L2-normalised concatenation of the chosen layers' features on a common grid."
     layers = list(layers or cache.features_)
-    grid = (grid, grid) if isinstance(grid, int) else tuple(grid)
+    grid = grid_shape(grid, cache.latent_hw)
     fs = [F.interpolate(cache.features_[l][step, image, prompt][None].float(), size=grid, mode="bilinear",
                         align_corners=False)[0] for l in layers]
     return F.normalize(torch.cat(fs), dim=0)
 
 # %% ../nbs/05_segment.ipynb #fd85d6d4
-def upsample_scores(scores:torch.Tensor, cache:ProbeCache, image:int=0)->torch.Tensor:
-    "(C, h, w) scores on the prepared input's grid -> (C, H, W) at the input image's size."
-    C, h, w = scores.shape
-    H, W = cache.image_hw[image]
-    lh, lw = cache.latent_hw
-    ch, cw = cache.content_hw
-    vs = cache.meta.get("vae_scale", 1)
-    # the content occupies the top-left (ch, cw) pixels of the (lh*vs, lw*vs) input
-    sh, sw = max(1, round(h * ch / (lh * vs))), max(1, round(w * cw / (lw * vs)))
-    s = scores[:, :sh, :sw]
-    return F.interpolate(s[None].float(), size=(H, W), mode="bilinear", align_corners=False)[0]
+def _content_share(cache:ProbeCache)->tuple:
+    "The shares of the prepared input's height and width that hold the image: (1.0, 1.0) unless it was padded."
+    (lh, lw), (ch, cw), vs = cache.latent_hw, cache.content_hw, cache.meta.get("vae_scale", 1)
+    return ch / (lh * vs), cw / (lw * vs)
+
+def _inside(share:tuple, hw:tuple)->list:
+    "Per axis of an (h, w) grid over the prepared input: which cells have their centre in the image (at least the first)."
+    out = [(torch.arange(n) + 0.5) / n < s for s, n in zip(share, hw)]
+    for v in out: v[0] = True                              # however thin the image, one cell holds it
+    return out
+
+def _content_cells(share:tuple, hw:tuple)->torch.Tensor:
+    "(h, w) bool: the cells of a grid over the prepared input whose centre lies in the image, not in the padding."
+    rows, cols = _inside(share, hw)
+    return rows[:, None] & cols[None, :]
+
+def _to_image(x:torch.Tensor, image_hw:tuple, share:tuple)->torch.Tensor:
+    "(C, h, w) grid values -> (C, H, W): the grid's cells inside the image, resampled bilinearly where they lie."
+    x, (H, W) = x[None].float(), image_hw
+    if tuple(share) == (1, 1): return F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False)[0]
+    hw = x.shape[-2:]
+    n = [int(v.sum()) for v in _inside(share, hw)]
+    x = x[..., :n[0], :n[1]]                               # the image's cells; past their centres the edge value holds
+    # each output pixel's centre, measured in cells of the full grid, in grid_sample's [-1, 1] over the n kept cells
+    ys, xs = [((torch.arange(N, device=x.device) + 0.5) / N * s * k) * 2 / m - 1 for N, s, k, m in zip((H, W), share, hw, n)]
+    at = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1)      # (H, W, 2) as (x, y)
+    return F.grid_sample(x, at[None], mode="bilinear", padding_mode="border", align_corners=False)[0]
+
+def upsample_scores(scores:torch.Tensor, # (C, h, w) on a grid over the prepared input (padding included)
+                    cache:ProbeCache, # the probe the grid covers: its input's padding and the image's size
+                    image:int=0, # which image of the cache
+                   )->torch.Tensor:
+    "(C, h, w) grid scores -> (C, H, W) at the input image's size: the image's part of the grid, resampled bilinearly."
+    return _to_image(scores, cache.image_hw[image], _content_share(cache))
 
 def scores_to_labels(scores:torch.Tensor, classes:list, threshold:float|None=None)->torch.Tensor:
     "Argmax of (C, H, W) scores; pixels below `threshold` go to 'background' (if a class) or 255."
@@ -201,9 +234,10 @@ def scores_to_labels(scores:torch.Tensor, classes:list, threshold:float|None=Non
 
 # %% ../nbs/05_segment.ipynb #e152c059
 FAMILY_DEFAULTS = {
-    # METHOD.md on SD 1.x/2.x: the inputs of the last resnet of decoder levels 1 and 2 (the authors' levels), the
-    # cross-attention at 16x16 and 8x8 latent resolution (for a 512 image), t = 0 as the authors
-    "sd": dict(feature_layers=("up_blocks.1.resnets.2", "up_blocks.2.resnets.2"), read="input",
+    # SD 1.x/2.x: the authors' feature levels (Valkyrja3607/MaskDiffusion scripts/run.py: ODISE's s4 and s5), i.e. the
+    # inputs of the last resnet of decoder levels 2 (32x32 for a 512 image), 1 (16x16) and 0 (8x8); the cross-attention
+    # at 16x16 and 8x8 latent resolution (scripts/atten.py); t = 0 as the authors
+    "sd": dict(feature_layers=("up_blocks.0.resnets.2", "up_blocks.1.resnets.2", "up_blocks.2.resnets.2"), read="input",
                attention_layers=("down_blocks.2.attentions.*.attn2", "mid_block.attentions.*.attn2",
                                  "up_blocks.1.attentions.*.attn2"), timestep=0),
     # the same head mapped onto the shapes UNet (02_shapes): the last resnet of its two finest decoder levels, the
@@ -313,8 +347,8 @@ class MaskDiffusionConfig(MethodConfig):
     attention_layers: tuple       # attn2 modules whose maps weight the representatives
     read: str = "output"          # read the feature layers' "output" or "input"
     timestep: int = 0             # the noise timestep t of the UNet call
-    grid: int = 32                # side of the grid of the features and scores
-    attention_grid: int = 32      # side of the grid the attention layers are averaged on
+    grid: int = 32                # long side of the grid of the features and scores (see `grid_shape`)
+    attention_grid: int = 32      # long side of the grid the attention layers are averaged on
     similarity: str = "cosine"    # "cosine" (paper) or "dot" (released code: unnormalised representative)
     attention: str = "softmax"    # "softmax" probabilities or the authors' "exp_logits"
     weight_power: float = 1.0     # M_c ** power weights the representative
@@ -369,6 +403,7 @@ def maskdiffusion_head(cache:ProbeCache, # a probe holding the config's feature 
     m = raw / raw.flatten(1).amax(1).clamp(min=1e-12)[:, None, None]
     f = pixel_features(cache, c.feature_layers, c.grid, image)                  # (D, h, w), unit pixels
     w = F.interpolate(m[None], size=f.shape[-2:], mode="bilinear", align_corners=False)[0].clamp(min=0) ** c.weight_power
+    w = w * _content_cells(_content_share(cache), f.shape[-2:]).to(w.device)     # padding cells do not vote
     proto = torch.einsum("chw,dhw->cd", w, f) / w.flatten(1).sum(1).clamp(min=1e-12)[:, None]
     if c.similarity == "cosine": proto = F.normalize(proto, dim=1)
     scores = torch.einsum("cd,dhw->chw", proto, f)
@@ -398,12 +433,30 @@ class MaskDiffusion:
                 f"attention {len(c.attention_layers)} layers, t={c.timestep}, grid {c.grid}, {c.similarity})")
 
 # %% ../nbs/05_segment.ipynb #903d9395
+def _word_starts(enc, name:str)->list:
+    "Word indices where `name` (one or several words) starts in a prompt; words compared as `normalize_word` does."
+    q, ws = [normalize_word(w) for w in name.split()], enc.normalized_words
+    return [i for i in range(len(ws) - len(q) + 1) if ws[i:i + len(q)] == q]
+
 def where_in_cache(cache:ProbeCache, classes:list)->list:
-    "Each class's (prompt index, token positions) in a cache's prompts (the classes must be words of them)."
+    "Each class's (prompt index, token positions) in a cache's prompts: its own words, not those inside a longer class name."
+    classes = check_classes(classes)
+    spans = {c: [(p, s, len(c.split())) for p, e in enumerate(cache.prompts) for s in _word_starts(e, c)] for c in classes}
+    def containing(c, p, s, n):   # the other, longer class names with an occurrence that covers words s..s+n-1
+        return [o for o in classes if o != c and any(q == p and t <= s and s + n <= t + m and m > n for q, t, m in spans[o])]
     out = []
     for c in classes:
-        p = cache._prompt_of(c)
-        out.append((p, cache.prompts[p].positions(c)))
+        own = [(p, s, n) for p, s, n in spans[c] if not containing(c, p, s, n)]
+        if not own:
+            if not spans[c]:
+                raise KeyError(f"{c!r} is not a word of the cache's prompts {[e.prompt for e in cache.prompts]}: probe "
+                               f"the prompts that name every class (build_prompts(tokenizer, classes, max_length).prompts).")
+            longer = sorted({o for p, s, n in spans[c] for o in containing(c, p, s, n)})
+            raise KeyError(f"{c!r} occurs in the cache's prompts only inside the longer class names {longer}: probe "
+                           f"prompts that also name it on its own (build_prompts(tokenizer, classes, max_length).prompts).")
+        p = own[0][0]                                     # its first prompt; repeats of its own name there are averaged
+        words = {w for q, s, n in own if q == p for w in range(s, s + n)}
+        out.append((p, [t for t, w in enumerate(cache.prompts[p].token_words) if w in words]))
     return out
 
 @patch
@@ -446,20 +499,36 @@ def attention_argmax(model:DiffusionModel, image, classes,
     seg.image = _u8(image)
     return seg
 
+def _grid_labels(gt:torch.Tensor, hw:tuple, share:tuple, ignore_index:int)->torch.Tensor:
+    "An (H, W) label map on the (h, w) grid whose `share` holds the image: nearest sampling, padding cells ignored."
+    if tuple(share) == (1, 1): return F.interpolate(gt[None, None].float(), size=hw, mode="nearest")[0, 0].long()
+    # F.interpolate's nearest rule (index floor(i * scale)), on the padded input's extent
+    idx = [(torch.arange(n) * (size / s / n)).floor().long().clamp(max=size - 1) for n, size, s in zip(hw, gt.shape, share)]
+    g = gt[idx[0][:, None], idx[1][None, :]]
+    g[~_content_cells(share, hw)] = ignore_index
+    return g
+
 def oracle_segment(features:torch.Tensor, # (D, h, w) pixel features (L2-normalised inside)
                    gt_mask, # (H, W) int ground truth (255 = ignore)
                    classes:list|None=None, # names of the label ids (default: "class i")
-                   similarity:str="cosine", ignore_index:int=255)->Segmentation:
+                   similarity:str="cosine", ignore_index:int=255,
+                   cache:ProbeCache|None=None, # the probe the features come from: its padding is left out
+                   image:int=0, # which image of `cache`
+                  )->Segmentation:
     "Analysis: representatives are the mean features of each ground-truth class; labels in the gt's id space."
     gt = torch.as_tensor(np.asarray(gt_mask)).long()
     f = F.normalize(torch.as_tensor(features).float(), dim=0)
-    g = F.interpolate(gt[None, None].float(), size=f.shape[-2:], mode="nearest")[0, 0].long()
+    share = (1, 1) if cache is None else _content_share(cache)
+    if cache is not None and tuple(cache.image_hw[image]) != tuple(gt.shape):
+        raise ValueError(f"gt_mask is {tuple(gt.shape)} but the cache's image {image} is {tuple(cache.image_hw[image])}: "
+                         f"pass the mask of that image, at its size.")
+    g = _grid_labels(gt, tuple(f.shape[-2:]), share, ignore_index)
     ids = [i for i in g.unique().tolist() if i != ignore_index]
     if not ids: raise ValueError("The ground truth has no labelled pixel at the feature grid's resolution.")
     n = max(ids) + 1
     proto = torch.stack([f[:, g == i].mean(1) for i in ids])
     if similarity == "cosine": proto = F.normalize(proto, dim=1)
-    present = F.interpolate(torch.einsum("cd,dhw->chw", proto, f)[None], size=gt.shape, mode="bilinear", align_corners=False)[0]
+    present = _to_image(torch.einsum("cd,dhw->chw", proto, f), tuple(gt.shape), share)
     up = torch.full((n, *gt.shape), -math.inf)
     up[ids] = present                                  # absent ids can never win
     return Segmentation(up.argmax(0), up, classes or [f"class {i}" for i in range(n)])
@@ -471,7 +540,7 @@ class UnsupervisedConfig(MethodConfig):
     feature_layers: tuple         # modules whose output (or input) are the pixel features
     read: str = "output"          # read the feature layers' "output" or "input"
     timestep: int = 0             # the noise timestep t of the UNet call
-    grid: int = 32                # side of the grid the pixels are clustered on
+    grid: int = 32                # long side of the grid the pixels are clustered on (see `grid_shape`)
     k: int|None = None            # segments per image, or None: the eigengap picks one in `k_range`
     k_range: tuple = (2, 12)      # the eigengap's candidate k (inclusive)
     knn: int|None = None          # kNN-sparse affinity with this many neighbours (None: automatic)
@@ -501,6 +570,23 @@ class UnsupervisedConfig(MethodConfig):
         return CaptureSpec(timesteps=(self.timestep,), layers=self.feature_layers, read=self.read, seed=self.seed,
                            image_size=self.image_size, keep_aspect=self.keep_aspect)
 
+def cluster_segments(cache:ProbeCache, # the probe the features come from: the image's size and padding
+                     features:torch.Tensor, # (D, h, w) unit pixel features on a grid over the prepared input (`pixel_features`)
+                     cluster, # f(x) -> cluster ids, where x holds the (N, D) features of the grid's cells inside the image
+                     image:int=0, # which image of the cache
+                    )->tuple: # labels (H, W) and scores (k, H, W), at the image's size
+    "Segments from a clustering of the image's grid cells: cosine to each segment's mean feature, upsampled bilinearly, argmax."
+    D, h, w = features.shape
+    inside = _content_cells(_content_share(cache), (h, w)).to(features.device)
+    x = features[:, inside].T                             # the image's cells; the padding is not clustered
+    lab = cluster(x)
+    lab = (lab if isinstance(lab, torch.Tensor) else torch.as_tensor(np.asarray(lab))).long().reshape(-1).to(x.device)
+    lab = torch.unique(lab, return_inverse=True)[1]       # ids 0..k-1, in the clustering's order
+    k = int(lab.max()) + 1
+    means = F.normalize(torch.stack([x[lab == j].mean(0) for j in range(k)]), dim=1)
+    scores = upsample_scores((means @ features.reshape(D, -1)).reshape(k, h, w), cache, image)
+    return scores.argmax(0), scores
+
 def unsupervised_head(cache:ProbeCache, # a probe holding the config's feature layers
                       config:UnsupervisedConfig, # the options the head reads (layers, grid, k, clustering)
                       image:int=0, # which image of the cache
@@ -510,15 +596,9 @@ def unsupervised_head(cache:ProbeCache, # a probe holding the config's feature l
     c = config
     _check_in_cache(cache, c.feature_layers, cache.layers, "features")
     f = pixel_features(cache, c.feature_layers, c.grid, image)
-    D, h, w = f.shape
-    x = f.reshape(D, -1).T
-    lab = torch.as_tensor(spectral_clustering(x, c.k, knn=c.knn, seed=c.seed, k_range=c.k_range, power=c.power))
-    k = int(lab.max()) + 1
-    cent = F.normalize(torch.stack([x[lab == j].mean(0) for j in range(k)]), dim=1)
-    scores = upsample_scores((cent @ x.T).reshape(k, h, w), cache, image)
-    H, W = cache.image_hw[image]
-    labels = F.interpolate(lab.reshape(1, 1, h, w).float(), size=(H, W), mode="nearest")[0, 0].long()
-    return Segmentation(labels, scores, [f"segment {j}" for j in range(k)], None,
+    spectral = lambda x: spectral_clustering(x, c.k, knn=c.knn, seed=c.seed, k_range=c.k_range, power=c.power)
+    labels, scores = cluster_segments(cache, f, spectral, image)
+    return Segmentation(labels, scores, [f"segment {j}" for j in range(len(scores))], None,
                         _resized(cache.images[image], cache.image_hw[image]) if cache.images else None)
 
 class UnsupervisedMaskDiffusion:

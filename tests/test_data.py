@@ -11,7 +11,8 @@ from scipy.io import savemat, loadmat
 from hypothesis import given, settings, strategies as st, HealthCheck
 from md_probe import data as D
 from md_probe.data import (load_dataset, make_fake_dataset, DatasetNotFoundError, class_names, read_class_file,
-                           resize_crop, keep_aspect, cityscapes_to_19, cityscapes_to_27, cocostuff_to_27, potsdam_to_3)
+                           resize_crop, resize_label, keep_aspect, cityscapes_to_19, cityscapes_to_27, cocostuff_to_27,
+                           potsdam_to_3)
 
 torch.set_num_threads(1)
 RNG = np.random.default_rng(0)
@@ -115,13 +116,15 @@ EXPECTED = {  # raw -> class lookup tables, written from the published definitio
     "cocostuff27": ref_lut(enumerate(STEGO_FINE_TO_COARSE)),
     "cityscapes": ref_lut(enumerate(CS_TRAIN_ID)),
     "cityscapes27": ref_lut((i, i - 7) for i in range(7, 34)),
+    "cityscapes_ov": ref_lut(enumerate(CS_TRAIN_ID)),
     "potsdam3": ref_lut([(0, 0), (4, 0), (1, 1), (5, 1), (2, 2), (3, 2)]),
     "voc": ref_lut([(i, i) for i in range(21)]),
     "context59": ref_lut((i, i - 1) for i in range(1, 60)),
     "ade20k": ref_lut((i, i - 1) for i in range(1, 151)),
 }
-NUM = {"cocostuff27": 27, "cityscapes": 19, "cityscapes27": 27, "potsdam3": 3, "voc": 21, "context59": 59, "ade20k": 150}
-BUILD = {"cityscapes27": "cityscapes"}
+NUM = {"cocostuff27": 27, "cityscapes": 19, "cityscapes27": 27, "cityscapes_ov": 19, "potsdam3": 3, "voc": 21,
+       "context59": 59, "ade20k": 150}
+BUILD = {"cityscapes27": "cityscapes", "cityscapes_ov": "cityscapes"}
 
 # ---------- readers on the independent fakes ----------
 @pytest.mark.parametrize("name", list(EXPECTED))
@@ -263,6 +266,47 @@ def test_transform_argument(tmp_path):
     with pytest.raises(ValueError, match="unknown transform"): load_dataset("cityscapes", tmp_path, transform="crop")
 
 
+# ---------- Cityscapes as the MaskDiffusion authors score it ----------
+# Valkyrja3607/MaskDiffusion scripts/run.py: the prompt names, and convert27to19 applied to labelId - 7
+MD_CITYSCAPES_PROMPTS = ["road", "sidewalk", "building", "wall", "fence", "pole", "light", "sign", "vegetation", "terrain",
+                         "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle"]
+MD_CONVERT27TO19 = [0, 1, -1, -1, 2, 3, 4, -1, -1, -1, 5, -1, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, -1, -1, 16, 17, 18, -1]
+
+def md_authors_target(raw_label_ids):
+    """scripts/utils.py CityscapesSeg: Resize((256, 352), Image.NEAREST) on the labelIds PIL image (torchvision runs
+    PIL's resize), minus first_nonvoid 7, < 0 or >= 27 -> -1; then run.py's convert27to19 (index -1 is its last, -1)."""
+    small = np.array(Image.fromarray(raw_label_ids).resize((352, 256), Image.NEAREST)).astype(np.int64) - 7
+    small[(small < 0) | (small >= 27)] = -1
+    out = np.asarray(MD_CONVERT27TO19)[small]
+    return np.where(out < 0, 255, out)
+
+def test_cityscapes_ov_is_the_authors_protocol(tmp_path):
+    raws = build("cityscapes", tmp_path)
+    ds = load_dataset("cityscapes_ov", tmp_path, transform="protocol")
+    assert ds.classes == MD_CITYSCAPES_PROMPTS and ds.label_names == CS19 and ds.num_classes == 19
+    for i in range(len(ds)):
+        image, mask, stem = ds[i]
+        assert image.shape == (H, W, 3)                                  # the image as stored
+        np.testing.assert_array_equal(image, load_dataset("cityscapes", tmp_path)[ds.names.index(stem)][0])
+        assert mask.shape == (256, 352) and mask.dtype == np.int64
+        np.testing.assert_array_equal(mask, md_authors_target(raws[stem]))
+    # keep (the default): the 19-class mask as stored, like `cityscapes`
+    np.testing.assert_array_equal(load_dataset("cityscapes_ov", tmp_path)[0][1], load_dataset("cityscapes", tmp_path)[0][1])
+
+
+def test_resize_label_is_pils_nearest_at_cityscapes_size():
+    """At 2048 -> 352 columns, centre sampling computed as (j + 0.5) * w / n and PIL's (j + 0.5) * (w / n) round apart
+    at some columns: the protocol must pick PIL's (what the authors' torchvision transform runs)."""
+    ids = (np.arange(2048) % 251).astype(np.uint8)[None].repeat(4, 0)   # every column its own value (mod 251)
+    image = np.zeros((4, 2048, 3), np.uint8)
+    out_image, m = resize_label(image, ids, size=(2, 352))
+    assert out_image is image or np.shares_memory(out_image, image)
+    np.testing.assert_array_equal(m, np.array(Image.fromarray(ids).resize((352, 2), Image.NEAREST)))
+    assert m.dtype == np.int64 and resize_label(image, None)[1] is None
+    big = np.full((4, 8), 300, np.int64)                                # any integer label survives (not only uint8)
+    assert (resize_label(np.zeros((4, 8, 3), np.uint8), big, size=(2, 2))[1] == 300).all()
+
+
 # ---------- errors ----------
 @pytest.mark.parametrize("name,layout_line,url", [
     ("cocostuff27", "curated/", "cocostuff.zip"),
@@ -316,6 +360,10 @@ FAKE_PATHS = {
     "cocostuff27": ["cocostuff/annotations/val2017/000000000139.png", "cocostuff/annotations/val2017/000000000140.png",
                     "cocostuff/curated/val2017/Coco164kFull_Stuff_Coarse_7.txt",
                     "cocostuff/images/val2017/000000000139.jpg", "cocostuff/images/val2017/000000000140.jpg"],
+    "cityscapes_ov": ["cityscapes/gtFine/val/frankfurt/frankfurt_000000_000000_gtFine_labelIds.png",
+                      "cityscapes/gtFine/val/frankfurt/frankfurt_000000_000001_gtFine_labelIds.png",
+                      "cityscapes/leftImg8bit/val/frankfurt/frankfurt_000000_000000_leftImg8bit.png",
+                      "cityscapes/leftImg8bit/val/frankfurt/frankfurt_000000_000001_leftImg8bit.png"],
     "cityscapes": ["cityscapes/gtFine/val/frankfurt/frankfurt_000000_000000_gtFine_labelIds.png",
                    "cityscapes/gtFine/val/frankfurt/frankfurt_000000_000001_gtFine_labelIds.png",
                    "cityscapes/leftImg8bit/val/frankfurt/frankfurt_000000_000000_leftImg8bit.png",
@@ -333,7 +381,8 @@ FAKE_PATHS = {
                "ADEChallengeData2016/annotations/validation/ADE_val_00000002.png",
                "ADEChallengeData2016/images/validation/ADE_val_00000001.jpg",
                "ADEChallengeData2016/images/validation/ADE_val_00000002.jpg"]}
-RAW_VALUES = {"cocostuff27": set(range(182)) | {255}, "cityscapes": set(range(34)), "potsdam3": set(range(6)),
+RAW_VALUES = {"cocostuff27": set(range(182)) | {255}, "cityscapes": set(range(34)), "cityscapes_ov": set(range(34)),
+              "potsdam3": set(range(6)),
               "voc": set(range(21)) | {255}, "context59": set(range(60)), "ade20k": set(range(151))}
 
 @pytest.mark.parametrize("name", list(FAKE_PATHS))
