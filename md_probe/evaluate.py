@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from .models import DiffusionModel, PreparedImage, prepare_image
 from .probe import CaptureStore, ProbeCache, capture, _rows_to_maps
-from .segment import (MaskDiffusion, UnsupervisedMaskDiffusion, build_prompts, class_attention, pixel_features,
-                              upsample_scores, scores_to_labels, oracle_segment)
+from .segment import (MaskDiffusion, UnsupervisedMaskDiffusion, build_prompts, pixel_features,
+                              oracle_segment, attention_argmax_head, cluster_segments)
 from .diffseg import DiffSeg
 from .metrics import ConfusionAccumulator, Scores, PROTOCOLS, confusion_counts
 from .utils import write_text_atomic, progress as progress_bar
@@ -178,9 +178,7 @@ class AttentionArgmaxEval(MaskDiffusionEval):
     name, title = "attention", "attention argmax"
     def unet_call(self): return {**super().unet_call(), "layers": ()}
     def labels(self, cache, names, where):
-        c = self.seg.config
-        m = class_attention(cache, where, c.attention_layers, c.attention_grid, c.attention)
-        return scores_to_labels(upsample_scores(m, cache), names, c.threshold)
+        return attention_argmax_head(cache, names, where, self.seg.config).labels
 
 class OracleEval(MaskDiffusionEval):
     "The oracle analysis: representatives from the ground truth on MaskDiffusion's features (`segment.oracle_segment`)."
@@ -190,15 +188,12 @@ class OracleEval(MaskDiffusionEval):
         c = self.seg.config
         f = pixel_features(cache, c.feature_layers, c.grid)
         # oracle_segment reads the gt as numpy: it runs on the CPU copy (features are a small (D, 32, 32) map)
-        return oracle_segment(f.cpu(), item["mask"], similarity=c.similarity).labels.to(self.model.device)
+        return oracle_segment(f.cpu(), item["mask"], similarity=c.similarity, cache=cache).labels.to(self.model.device)
 
 # %% ../nbs/07_evaluate.ipynb #c30112ba
 def _segments_from_features(cache:ProbeCache, config, cluster)->torch.Tensor:
-    "Cluster the pixel features of one image's cache; labels upsampled (nearest) to the image, as `UnsupervisedMaskDiffusion`."
-    f = pixel_features(cache, config.feature_layers, config.grid)
-    D, h, w = f.shape
-    lab = torch.as_tensor(cluster(f.reshape(D, -1).T)).to(f.device)
-    return F.interpolate(lab.reshape(1, 1, h, w).float(), size=tuple(cache.image_hw[0]), mode="nearest")[0, 0].long()
+    "Cluster the pixel features of one image's cache; labels at image size as `UnsupervisedMaskDiffusion` makes them (`segment.cluster_segments`)."
+    return cluster_segments(cache, pixel_features(cache, config.feature_layers, config.grid), cluster)[0]
 
 def _resolve_k(k, item:dict):
     "k as given, or the number of classes in the image's ground truth for 'present'."
@@ -279,7 +274,7 @@ def _item(image, mask, index:int, name:str, prep, num_classes:int, ignore_index:
     if present.size and (present.min() < 0 or present.max() >= num_classes):
         raise ValueError(f"{name}: label ids {present.tolist()} outside [0, {num_classes}) and not {ignore_index}: "
                          "read the data set through md_probe.data (it maps raw labels to class ids).")
-    return dict(pixels=p.pixels[0], image_hw=p.original_hw, content_hw=p.content_hw, present=present.tolist(),
+    return dict(pixels=p.pixels[0], image_hw=tuple(np.shape(mask)), content_hw=p.content_hw, present=present.tolist(),
                 mask=torch.as_tensor(np.asarray(mask), dtype=torch.long), index=index, name=name)
 
 # %% ../nbs/07_evaluate.ipynb #29b3c41c
