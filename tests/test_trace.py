@@ -66,7 +66,7 @@ def test_daam_matches_reference(sharp_pipe):
     with trace(sharp_pipe) as cache:
         ref, heat, idx = daam_reference(sharp_pipe, PROMPT, "grassland", generator=torch.Generator().manual_seed(0), **GEN)
     assert len(idx) == 8 and idx == cache.prompts[0].positions("grassland")     # 4 tokens x 2 occurrences
-    assert {cache.attention_[n].shape[3] for n, _ in heat} == {2, 4, 8}        # levels differ in heads
+    assert {cache.probs[n].shape[3] for n, _ in heat} == {2, 4, 8}        # levels differ in heads
     ours = cache.word_attention("grassland", aggregate="daam")
     assert ours.shape == (8, 8)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
@@ -90,7 +90,7 @@ def test_daam_other_words_and_scheduler(sharp_pipe):
     torch.testing.assert_close(cache.word_attention("cat", aggregate="daam"), ref, rtol=1e-5, atol=1e-6)
     dup = [t for t in cache.timesteps if cache.timesteps.count(t) == 2][0]
     rows = [i for i, t in enumerate(cache.timesteps) if t == dup]
-    a = cache.attention_["up_blocks.1.attentions.0.transformer_blocks.0.attn2"]
+    a = cache.probs["up_blocks.1.attentions.0.transformer_blocks.0.attn2"]
     want = a[rows, 0, 0].mean(0).mean(0)[:, cache.prompts[0].positions("cat")].mean(-1).reshape(2, 2)
     want = F.interpolate(want[None, None], size=(2, 2), mode="bilinear", align_corners=False)[0, 0]
     got = cache.word_attention("cat", t=dup, layers="up_blocks.1.attentions.0.transformer_blocks.0.attn2")
@@ -105,14 +105,14 @@ def test_default_word_attention_unchanged():
     pos = c.prompts[0].positions("grassland")
     maps = []
     for t in (0, 300):
-        for l in c.attention_:
+        for l in c.probs:
             a = c.attention(l, t=t).mean(0)[:, pos].mean(-1).reshape(c.attention_hw(l))
             maps.append(F.interpolate(a[None, None], size=(8, 8), mode="bilinear", align_corners=False)[0, 0])
     torch.testing.assert_close(c.word_attention("grassland", t=[0, 300]), torch.stack(maps).mean(0), rtol=1e-5, atol=1e-7)
     side = c.word_attention("grassland", t=0, weights="side")
     num = sum(c.attention_hw(l)[0] * F.interpolate(c.attention(l, t=0).mean(0)[:, pos].mean(-1).reshape(c.attention_hw(l))[None, None],
-                                                  size=(8, 8), mode="bilinear", align_corners=False)[0, 0] for l in c.attention_)
-    torch.testing.assert_close(side, num / sum(c.attention_hw(l)[0] for l in c.attention_), rtol=1e-5, atol=1e-7)
+                                                  size=(8, 8), mode="bilinear", align_corners=False)[0, 0] for l in c.probs)
+    torch.testing.assert_close(side, num / sum(c.attention_hw(l)[0] for l in c.probs), rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="weights="): c.word_attention("cat", weights="heads")
     with pytest.raises(ValueError, match="weight 0"): c.word_attention("cat", weights={"nothing*": 1})
 
