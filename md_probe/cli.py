@@ -87,7 +87,7 @@ def cmd_probe(args)->int:
     model = _model(args)
     try:
         cache = probe(model, img, prompt=args.prompt, timesteps=args.timesteps, layers=args.layers,
-                      cross_attention=args.cross_attention or bool(args.heatmaps), capture=args.read)
+                      cross_attention=args.cross_attention or bool(args.heatmaps), read=args.read)
     except (KeyError, ValueError) as e: raise UsageError(str(e).strip("'\"")) from None
     path = cache.save(out)
     if args.heatmaps: save_word_heatmaps(cache, args.heatmaps)

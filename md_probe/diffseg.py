@@ -8,8 +8,8 @@ import math
 from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
-from .models import DiffusionModel
-from .probe import CaptureStore, ProbeCache, list_layers, resolve_layers, _as_uint8
+from .models import DiffusionModel, PreparedImage
+from .probe import CaptureStore, ProbeCache, list_layers, resolve_layers, run_with_cache, content_image
 from .segment import Segmentation, upsample_scores
 
 # %% auto #0
@@ -191,13 +191,17 @@ class DiffSeg:
         return Segmentation(up.argmax(0), up, [f"segment {j}" for j in range(len(props))])
 
     def _aggregate(self, prep:list)->tuple:
-        "One UNet call on prepared images of one size: (the aggregate store, one ProbeCache per image)."
-        from md_probe.evaluate import forward_batch   # the batched pass (issue 15: probe.run_with_cache replaces it)
-        c, store = self.config, self.store(prep[0].pixels.shape[-2:])
-        caches = forward_batch(self.model, torch.cat([p.pixels for p in prep]), [[""]] * len(prep), c.timestep,
-                               self_attention=list(store.weights), seed=c.seed, noise=c.noise, store=store,
-                               image_hw=[p.original_hw for p in prep], content_hw=[p.content_hw for p in prep])
-        return store, caches
+        "One UNet call (the capture engine) on prepared images of one size: (the aggregate store, one ProbeCache per image)."
+        c, m, store = self.config, self.model, self.store(prep[0].pixels.shape[-2:])
+        hw, enc = tuple(prep[0].pixels.shape[-2:]), m.encode_prompt("")      # DiffSeg's unconditional context
+        with torch.no_grad():
+            z0 = m.encode_image(PreparedImage(torch.cat([p.pixels for p in prep]), hw, hw))
+            zt = m.add_noise(z0, [c.timestep], c.seed) if c.noise else z0    # released code: the clean latent
+        _, cache = run_with_cache(m, zt, c.timestep, enc.embeddings, self_attention=list(store.weights), store=store,
+                                  need_output=False, prompts=[enc], meta=dict(seed=c.seed),
+                                  encoder_attention_mask=enc.attention_mask if m.pass_attention_mask else None)
+        return store, [replace(cache.select(image=i), image_hw=[p.original_hw], content_hw=p.content_hw)
+                       for i, p in enumerate(prep)]
 
     def __call__(self, image)->Segmentation|list:
         "Segment `image` (or a list of images of one prepared size, in one UNet call) into unnamed segments."
@@ -205,7 +209,7 @@ class DiffSeg:
         prep = [self.model.prepare_image(im, self.config.image_size, self.config.keep_aspect) for im in imgs]
         store, caches = self._aggregate(prep)
         out = [self.head(store.maps[i], c) for i, c in enumerate(caches)]
-        for s, p in zip(out, prep): s.image = _as_uint8(p)
+        for s, p in zip(out, prep): s.image = content_image(p)
         return out if isinstance(image, (list, tuple)) else out[0]
 
 # %% ../nbs/05a_diffseg.ipynb #b12552ab

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from fastcore.basics import patch
 from .models import DiffusionModel, PreparedImage, prepare_image
-from .probe import CaptureStore, ProbeCache, capture, _rows_to_maps
+from .probe import CaptureStore, ProbeCache, run_with_cache
 from .segment import (MaskDiffusion, UnsupervisedMaskDiffusion, build_prompts, pixel_features,
                               oracle_segment, attention_argmax_head, cluster_segments)
 from .diffseg import DiffSeg
@@ -51,27 +51,21 @@ def forward_batch(model:DiffusionModel, # the model (left as it was)
     B, hw = pixels.shape[0], tuple(pixels.shape[-2:])
     if len(prompts) != B: raise ValueError(f"{len(prompts)} prompt lists for {B} images: pass one list of prompts per image.")
     enc = _encodings(model, [p for ps in prompts for p in ps], {} if encodings is None else encodings)
-    rows = [(i, p) for i, ps in enumerate(prompts) for p in ps]
-    store = store if store is not None else CaptureStore()
+    rows = [(i, p) for i, ps in enumerate(prompts) for p in ps]                  # one row per (image, prompt)
     with torch.no_grad():
         z0 = model.encode_image(PreparedImage(pixels, hw, hw))
-        zt = model.add_noise(z0, [timestep], seed) if noise else z0
-        zt = zt[torch.tensor([i for i, _ in rows], device=zt.device)].to(model.dtype)
-        ctx = torch.cat([enc[p].embeddings for _, p in rows]).to(model.dtype)
-        mask = torch.cat([enc[p].attention_mask for _, p in rows]).to(zt.device) if model.pass_attention_mask else None
-        t = torch.full((len(rows),), timestep, device=zt.device)
-        with capture(model.unet, layers, cross_attention, self_attention, read, store, with_lse):
-            model.unet(zt, t, encoder_hidden_states=ctx, encoder_attention_mask=mask)
-    lat = tuple(z0.shape[-2:])
-    feats = {k: _rows_to_maps(torch.cat(v), lat) for k, v in store.features.items()}
-    att = {k: torch.cat(v) for k, v in store.attention.items()}
-    lse = {k: torch.cat(v) for k, v in store.lse.items()}
+        zt = (model.add_noise(z0, [timestep], seed) if noise else z0)[[i for i, _ in rows]]
+    mask = torch.cat([enc[p].attention_mask for _, p in rows]) if model.pass_attention_mask else None
+    # the engine sees one image with len(rows) prompts (grid (1, 1, rows)); each image's prompts are split off below
+    _, cache = run_with_cache(model, zt, timestep, torch.cat([enc[p].embeddings for _, p in rows]), layers=layers,
+                              cross_attention=list(cross_attention), self_attention=list(self_attention), read=read,
+                              store=store, with_lse=with_lse, need_output=False, encoder_attention_mask=mask,
+                              prompts=[enc[p] for _, p in rows], meta=dict(seed=seed))
     caches, start = [], 0
     for i, ps in enumerate(prompts):
-        pick = lambda d: {k: v[start:start + len(ps)][None, None] for k, v in d.items()}  # (T=1, B=1, P, ...)
-        caches.append(ProbeCache([timestep], [enc[p] for p in ps], pick(feats), pick(att), pick(lse), {}, lat,
-                                 [tuple(image_hw[i]) if image_hw else hw], tuple(content_hw[i]) if content_hw else hw,
-                                 read, dict(model=model.name, seed=seed, vae_scale=model.vae_scale), []))
+        caches.append(dataclasses.replace(cache.select(prompt=slice(start, start + len(ps))),
+                                          image_hw=[tuple(image_hw[i]) if image_hw else hw],
+                                          content_hw=tuple(content_hw[i]) if content_hw else hw))
         start += len(ps)
     return caches
 

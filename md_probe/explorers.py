@@ -27,9 +27,7 @@ def _image_of(cache:ProbeCache, image:int=0)->np.ndarray:
 
 def _sub_cache(cache:ProbeCache, ti:int)->ProbeCache:
     "A view of `cache` at its `ti`-th timestep row only (no copy)."
-    sl = lambda d: {k: v[ti:ti + 1] for k, v in d.items()}
-    return dataclasses.replace(cache, timesteps=[cache.timesteps[ti]], features_=sl(cache.features_),
-                               attention_=sl(cache.attention_), lse_=sl(cache.lse_), self_attention_=sl(cache.self_attention_))
+    return cache.select(t=cache.timesteps[ti])
 
 def _unique(xs): return list(dict.fromkeys(xs))
 
@@ -55,7 +53,7 @@ def _json_safe(fig):
 
 def _default_layer(cache:ProbeCache)->str:
     "The feature layer shown first: the finest grid, preferring the decoder (up path), the last such in model order."
-    hw = lambda l: math.prod(cache.features_[l].shape[-2:])
+    hw = lambda l: math.prod(cache.feats[l].shape[-2:])
     return max(enumerate(cache.layers), key=lambda il: (hw(il[1]), il[1].startswith("up_blocks"), il[0]))[1]
 
 class Explorer:
@@ -156,10 +154,10 @@ def _timesteps(model:DiffusionModel, timesteps)->list:
 def _layer_groups(cache:ProbeCache)->dict:
     "Attention layer choices: {label: [layer names]} — all, each resolution (finest first), each layer."
     by_res = {}
-    for l in cache.attention_: by_res.setdefault(cache.attention_hw(l), []).append(l)
-    groups = {f"all layers ({len(cache.attention_)})": list(cache.attention_)}
+    for l in cache.probs: by_res.setdefault(cache.probshw(l), []).append(l)
+    groups = {f"all layers ({len(cache.probs)})": list(cache.probs)}
     groups |= {f"{h}x{w} ({len(ls)})": ls for (h, w), ls in sorted(by_res.items(), reverse=True)}
-    return groups | {l: [l] for l in cache.attention_}
+    return groups | {l: [l] for l in cache.probs}
 
 def _prompt_words(cache:ProbeCache)->list:
     "The prompts' words, normalised, each once, in order (a multi-token word is one entry)."
@@ -180,7 +178,7 @@ class AttentionExplorer(Explorer):
             if not prompt: raise ValueError("An attention explorer needs a prompt: AttentionExplorer(model, image, prompt='cat and grass').")
             probe_kw = dict(timesteps=_timesteps(source, timesteps), cross_attention=True) | probe_kw
         cache, model = _source(source, image, prompt, **probe_kw)
-        if not cache.attention_: raise ValueError("This cache holds no cross-attention: probe with cross_attention=True.")
+        if not cache.probs: raise ValueError("This cache holds no cross-attention: probe with cross_attention=True.")
         super().__init__(cache, model, image if isinstance(image, int) else 0)
         W = _ipywidgets()
         words = _prompt_words(cache)
@@ -206,7 +204,7 @@ class AttentionExplorer(Explorer):
 
     def _heads(self)->int|None:
         "Heads of the chosen layers when they all have the same number, else None."
-        n = {self.cache.attention_[l].shape[3] for l in self.groups[self.controls["layers"].value]}
+        n = {self.cache.probs[l].shape[3] for l in self.groups[self.controls["layers"].value]}
         return n.pop() if len(n) == 1 else None
 
     def _head_options(self)->list:
@@ -266,7 +264,7 @@ class _PixelFeatures(Explorer):
         if isinstance(source, DiffusionModel):
             probe_kw = dict(timesteps=_timesteps(source, timesteps), layers=layers or "*resnets.*") | probe_kw
         cache, model = _source(source, image, prompt, **probe_kw)
-        if not cache.features_: raise ValueError("This cache holds no features: probe with layers=[...] (see list_layers).")
+        if not cache.feats: raise ValueError("This cache holds no features: probe with layers=[...] (see list_layers).")
         super().__init__(cache, model, image if isinstance(image, int) else 0)
         W, ts = _ipywidgets(), _unique(cache.timesteps)
         self._memo = {}
@@ -602,8 +600,8 @@ class SegmentationExplorer(Explorer):
         from md_probe.segment import MaskDiffusionConfig
         if self.md is not None: return self.md.config
         c = self.cache
-        if not (c.features_ and c.attention_): raise ValueError("The cache needs features and cross-attention: probe with layers=[...] and cross_attention=True.")
-        return MaskDiffusionConfig(feature_layers=tuple(c.layers), attention_layers=tuple(c.attention_layers))   # grids 32
+        if not (c.feats and c.probs): raise ValueError("The cache needs features and cross-attention: probe with layers=[...] and cross_attention=True.")
+        return MaskDiffusionConfig(feature_layers=tuple(c.layers), attention_layers=tuple(c.probslayers))   # grids 32
 
     def _probe(self, classes):
         "Probe the image for `classes`: one UNet call (all timesteps and class prompts in its batch)."
@@ -611,7 +609,7 @@ class SegmentationExplorer(Explorer):
         m = self.md.config
         cp = build_prompts(self.model.tokenizer, classes, self.model.max_length, m.joiner, m.template)
         self.cache = probe(self.model, [self.input], cp.prompts, timesteps=self.timesteps, layers=m.feature_layers,
-                           cross_attention=True, seed=m.seed, capture=m.read, with_lse=True, size=m.image_size,
+                           cross_attention=True, seed=m.seed, read=m.read, with_lse=True, image_size=m.image_size,
                            keep_aspect=m.keep_aspect)
         self.image, self._where, self._probed_for = 0, cp.where, [normalize_word(c) for c in classes]
 

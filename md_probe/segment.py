@@ -160,17 +160,17 @@ def class_attention(cache:ProbeCache, where:list, # per class: (prompt index, to
                     normalize:bool=True)->torch.Tensor:
     "The (C, h, w) attention maps of the classes; each divided by its maximum when `normalize`."
     if attention not in ("softmax", "exp_logits"): raise ValueError(f"attention={attention!r}: use 'softmax' or 'exp_logits'.")
-    layers = list(layers or cache.attention_)
+    layers = list(layers or cache.probs)
     grid = grid_shape(grid, cache.latent_hw)
     out = []
     for p, pos in where:
         maps = []
         for l in layers:
-            a = cache.attention_[l][step, image, p]                          # (heads, N, L)
+            a = cache.probs[l][step, image, p]                          # (heads, N, L)
             if attention == "exp_logits":
-                if l not in cache.lse_: raise ValueError("attention='exp_logits' needs the logits' logsumexp: probe with with_lse=True.")
-                a = a * cache.lse_[l][step, image, p].exp()[..., None]
-            m = a[..., pos].mean(0).mean(-1).reshape(cache.attention_hw(l))  # heads, then the class's tokens
+                if l not in cache.lse: raise ValueError("attention='exp_logits' needs the logits' logsumexp: probe with with_lse=True.")
+                a = a * cache.lse[l][step, image, p].exp()[..., None]
+            m = a[..., pos].mean(0).mean(-1).reshape(cache.probshw(l))  # heads, then the class's tokens
             maps.append(F.interpolate(m[None, None].float(), size=grid, mode="bilinear", align_corners=False)[0, 0])
         out.append(torch.stack(maps).mean(0))
     m = torch.stack(out)
@@ -181,9 +181,9 @@ def pixel_features(cache:ProbeCache, layers=None, # feature layers (default: all
                    image:int=0, step:int=0, # which image, which timestep (an index into `cache.timesteps`)
                    prompt:int=0)->torch.Tensor:
     "The (D, h, w) L2-normalised concatenation of the chosen layers' features on a common grid."
-    layers = list(layers or cache.features_)
+    layers = list(layers or cache.feats)
     grid = grid_shape(grid, cache.latent_hw)
-    fs = [F.interpolate(cache.features_[l][step, image, prompt][None].float(), size=grid, mode="bilinear",
+    fs = [F.interpolate(cache.feats[l][step, image, prompt][None].float(), size=grid, mode="bilinear",
                         align_corners=False)[0] for l in layers]
     return F.normalize(torch.cat(fs), dim=0)
 
@@ -270,8 +270,8 @@ class CaptureSpec:
              )->ProbeCache:
         "Run the call: `probe` with these arguments."
         return probe(model, images, prompts, timesteps=list(self.timesteps), layers=list(self.layers),
-                     cross_attention=list(self.cross_attention), seed=self.seed, capture=self.read,
-                     with_lse=self.with_lse, size=self.image_size, keep_aspect=self.keep_aspect, batch_size=batch_size)
+                     cross_attention=list(self.cross_attention), seed=self.seed, read=self.read,
+                     with_lse=self.with_lse, image_size=self.image_size, keep_aspect=self.keep_aspect, batch_size=batch_size)
 
 # %% ../nbs/05_segment.ipynb #ef71656c
 _RENAMED = {"feature_size": "grid", "attention_size": "attention_grid", "feature_capture": "read", "size": "image_size",
@@ -398,7 +398,7 @@ def maskdiffusion_head(cache:ProbeCache, # a probe holding the config's feature 
     "MaskDiffusion on a probe's tensors (no UNet call): attention-weighted representatives, scores, labels."
     c = config
     _check_in_cache(cache, c.feature_layers, cache.layers, "features")
-    _check_in_cache(cache, c.attention_layers, cache.attention_layers, "cross-attention")
+    _check_in_cache(cache, c.attention_layers, cache.probslayers, "cross-attention")
     raw = class_attention(cache, where, c.attention_layers, c.attention_grid, c.attention, image, normalize=False)
     m = raw / raw.flatten(1).amax(1).clamp(min=1e-12)[:, None, None]
     f = pixel_features(cache, c.feature_layers, c.grid, image)                  # (D, h, w), unit pixels
@@ -482,7 +482,7 @@ def attention_argmax_head(cache:ProbeCache, # a probe holding the config's atten
                           config:MaskDiffusionConfig, # attention_layers, attention_grid, attention, threshold are read
                           image:int=0)->Segmentation:
     "The attention-argmax baseline on a probe's tensors (no UNet call)."
-    _check_in_cache(cache, config.attention_layers, cache.attention_layers, "cross-attention")
+    _check_in_cache(cache, config.attention_layers, cache.probslayers, "cross-attention")
     m = class_attention(cache, where, config.attention_layers, config.attention_grid, config.attention, image)
     up = upsample_scores(m, cache, image)
     return Segmentation(scores_to_labels(up, classes, config.threshold), up, classes, m,

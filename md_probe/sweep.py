@@ -104,7 +104,7 @@ def image_features(model:DiffusionModel, # the model (left as it was)
             if set(layers) <= set(cached.layers) and set(timesteps) <= set(cached.timesteps): return cached
             layers = list(dict.fromkeys(cached.layers + layers))          # probe the union: the file only grows
             timesteps = sorted(set(cached.timesteps) | set(timesteps))
-    cache = probe(model, image, prompt, timesteps=timesteps, layers=layers, seed=seed, capture=read)
+    cache = probe(model, image, prompt, timesteps=timesteps, layers=layers, seed=seed, read=read)
     if path is not None: cache.save(path)
     return cache
 

@@ -1,7 +1,7 @@
 """Tests of the capture engine beyond the notebooks' examples: early stop against a full forward for random capture
 sets (hypothesis), the guard against a stop that would miss a recording, nested and chained captures restoring exactly
 what they found, failures inside a stopped forward, the per-UNet measurement living only as long as the UNet, and the
-evaluation runner's batched forward written over `run_with_cache` (the replacement for `evaluate.forward_batch`)."""
+evaluation runner's batched forward (`evaluate.forward_batch`, written over `run_with_cache`)."""
 import gc
 from dataclasses import replace
 import numpy as np, pytest, torch
@@ -13,6 +13,7 @@ from md_probe.models import load_model, PreparedImage
 from md_probe.engine import (AttentionRecorder, CaptureStore, attached, capture, list_layers, resolve_layers,
                              run_with_cache, _unet_info, _UNET_INFO, _UNetInfo)
 from md_probe.probe import probe
+from md_probe.evaluate import forward_batch   # the runner's batched forward: a thin front of run_with_cache
 
 
 @pytest.fixture(scope="module")
@@ -146,31 +147,6 @@ def test_unet_measurement_lives_with_the_unet():
     del m
     gc.collect()
     assert len(_UNET_INFO) == n - 1
-
-
-def forward_batch(model, pixels, prompts, timestep=0, layers=(), cross_attention=(), self_attention=(), read="output",
-                  seed=0, noise=True, store=None, with_lse=False, image_hw=None, content_hw=None, encodings=None):
-    "The evaluation runner's batched forward over `run_with_cache` (the replacement proposed for evaluate.forward_batch)."
-    B, hw = pixels.shape[0], tuple(pixels.shape[-2:])
-    if len(prompts) != B: raise ValueError(f"{len(prompts)} prompt lists for {B} images: pass one list of prompts per image.")
-    enc = {} if encodings is None else encodings
-    for p in dict.fromkeys(p for ps in prompts for p in ps):
-        if p not in enc: enc[p] = model.encode_prompt(p)
-    rows = [(i, p) for i, ps in enumerate(prompts) for p in ps]                  # one row per (image, prompt)
-    with torch.no_grad():
-        z0 = model.encode_image(PreparedImage(pixels, hw, hw))
-        zt = (model.add_noise(z0, [timestep], seed) if noise else z0)[[i for i, _ in rows]]
-    mask = torch.cat([enc[p].attention_mask for _, p in rows]) if model.pass_attention_mask else None
-    _, cache = run_with_cache(model, zt, timestep, torch.cat([enc[p].embeddings for _, p in rows]), layers=layers,
-                              cross_attention=list(cross_attention), self_attention=list(self_attention), read=read,
-                              store=store, with_lse=with_lse, need_output=False, encoder_attention_mask=mask,
-                              prompts=[enc[p] for _, p in rows], meta=dict(seed=seed))  # grid (1, 1, rows): split below
-    out, start = [], 0
-    for i, ps in enumerate(prompts):
-        out.append(replace(cache.select(prompt=slice(start, start + len(ps))),
-                           image_hw=[tuple(image_hw[i]) if image_hw else hw], content_hw=tuple(content_hw[i]) if content_hw else hw))
-        start += len(ps)
-    return out
 
 
 def test_forward_batch_over_run_with_cache(tiny):

@@ -135,7 +135,7 @@ def colour_cache(model, image, layer="conv_in"):
     cell (grey padding included): features that separate the two regions exactly, whatever the random model does."""
     cache = probe(model, image, layers=[layer], keep_aspect=True)
     x = (model.prepare_image(image, keep_aspect=True).pixels + 1) / 2                # [0, 1]; padding is grey 0.5
-    cache.features_[layer] = F.avg_pool2d(x, model.vae_scale)[None, None]          # (T, B, P, 3, h, w)
+    cache.feats[layer] = F.avg_pool2d(x, model.vae_scale)[None, None]          # (T, B, P, 3, h, w)
     return cache
 
 def splits_at(labels, border, axis, margin):
@@ -213,6 +213,6 @@ def test_sd_feature_levels_are_the_authors(tiny):
     assert UnsupervisedConfig.for_model(tiny).feature_layers == levels
     # at SD's 512 px the three inputs are 8x8, 16x16 and 32x32 (the latent is 64x64); on tiny's 8x8 latent: 1, 2, 4
     cache = cfg.capture_spec.probe(tiny, noise_image(), "cat")
-    assert [tuple(cache.features_[l].shape[-2:]) for l in levels] == [(1, 1), (2, 2), (4, 4)]
+    assert [tuple(cache.feats[l].shape[-2:]) for l in levels] == [(1, 1), (2, 2), (4, 4)]
     unet = tiny.unet
-    assert [cache.features_[l].shape[3] for l in levels] == [unet.get_submodule(l).conv1.in_channels for l in levels]
+    assert [cache.feats[l].shape[3] for l in levels] == [unet.get_submodule(l).conv1.in_channels for l in levels]
