@@ -4,7 +4,7 @@
 
 # %% ../nbs/01a_engine.ipynb #831e1e8f
 from __future__ import annotations
-import math, fnmatch, difflib, contextlib, weakref
+import math, fnmatch, difflib, contextlib, weakref, threading
 from collections import Counter
 from dataclasses import dataclass, replace
 import torch
@@ -12,8 +12,8 @@ from .models import DiffusionModel
 from .cache import ProbeCache
 
 # %% auto #0
-__all__ = ['AttentionRecorder', 'attached', 'LayerInfo', 'LayerTable', 'first_tensor', 'list_layers', 'resolve_layers',
-           'resolve_capture', 'CaptureStore', 'capture', 'run_with_cache']
+__all__ = ['AttentionRecorder', 'attached', 'LayerInfo', 'LayerTable', 'first_tensor', 'unet_lock', 'list_layers',
+           'resolve_layers', 'resolve_capture', 'CaptureStore', 'capture', 'check_batch_size', 'run_with_cache']
 
 # %% ../nbs/01a_engine.ipynb #41809ea4
 class AttentionRecorder:
@@ -120,6 +120,13 @@ class _UNetInfo:
 
 _UNET_INFO = weakref.WeakKeyDictionary()   # UNet -> _UNetInfo, measured once per UNet (never stored on the model)
 
+_LOCKS_GUARD = threading.Lock()
+_LOCKS = weakref.WeakKeyDictionary()   # UNet -> RLock, for as long as the UNet lives
+
+def unet_lock(unet:torch.nn.Module)->threading.RLock:
+    "The lock that serialises captures of `unet` across threads (re-entrant: nested captures in one thread)."
+    with _LOCKS_GUARD: return _LOCKS.setdefault(unet, threading.RLock())
+
 def _unet_info(unet:torch.nn.Module)->_UNetInfo:
     "Shapes and execution order of `unet`'s modules, from one forward on a small dummy latent (cached per UNet)."
     if unet in _UNET_INFO: return _UNET_INFO[unet]
@@ -135,6 +142,7 @@ def _unet_info(unet:torch.nn.Module)->_UNetInfo:
             shapes[name] = (type(mod).__name__, x_in.shape[-1] if x_in.ndim == 3 else x_in.shape[1],
                             x_out.shape[-1] if x_out.ndim == 3 else x_out.shape[1], round(math.sqrt(side * side / n_out)))
         return f
+    lock = unet_lock(unet); lock.acquire()   # no other thread's capture may record this dummy forward
     try:
         for n, m in unet.named_modules():
             if n: handles += [m.register_forward_pre_hook(pre(n)), m.register_forward_hook(post(n), with_kwargs=True)]
@@ -144,6 +152,7 @@ def _unet_info(unet:torch.nn.Module)->_UNetInfo:
             unet(torch.zeros(1, unet.config.in_channels, side, side, device=p.device, dtype=p.dtype), 0, ctx)
     finally:
         for h in handles: h.remove()
+        lock.release()
     _UNET_INFO[unet] = info = _UNetInfo(shapes, events)
     return info
 
@@ -248,6 +257,8 @@ def capture(unet:torch.nn.Module, # the UNet to read (restored on exit)
         raise ValueError(f"{twice} are asked for as both cross- and self-attention: record each attention module once.")
     store = CaptureStore(self_attention=self_attention) if store is None else store
     handles, swapped = [], {}
+    lock = unet_lock(unet)
+    lock.acquire()       # one capture per UNet at a time; the same thread may nest (an RLock)
     try:
         for n in features:
             if read == "output":
@@ -263,6 +274,7 @@ def capture(unet:torch.nn.Module, # the UNet to read (restored on exit)
     finally:
         for h in handles: h.remove()
         for n, proc in swapped.items(): modules[n].set_processor(proc)
+        lock.release()
 
 # %% ../nbs/01a_engine.ipynb #b9793114
 class _StopForward(Exception):
@@ -314,6 +326,11 @@ def _chunk(x, s:int, step:int, n:int):
     if isinstance(x, dict): return {k: _chunk(v, s, step, n) for k, v in x.items()}
     return x
 
+def check_batch_size(batch_size)->None:
+    "`batch_size` is None (every row in one call) or a positive int; a clear error otherwise."
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size={batch_size!r}: pass a positive number of rows per UNet call, or None for all in one call.")
+
 def run_with_cache(model:DiffusionModel, # the model (left exactly as it was)
                    sample:torch.Tensor, # (N, C, h, w) latents; rows timestep-major, then image, then prompt
                    timestep, # one timestep for every row, or N of them (rows of one timestep together)
@@ -338,6 +355,7 @@ def run_with_cache(model:DiffusionModel, # the model (left exactly as it was)
                   )->tuple: # (the UNet's output or None, ProbeCache)
     "Run the denoiser once on `sample` while capturing; returns `(output, cache)` (output None when not needed)."
     feats, xattn, sattn = resolve_capture(model, layers, cross_attention, self_attention, read)
+    check_batch_size(batch_size)
     N, L = sample.shape[0], encoder_hidden_states.shape[0]
     P = len(prompts) if prompts else L if L < N else 1
     if L not in (N, P):

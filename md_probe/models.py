@@ -335,11 +335,17 @@ def encode_prompt(self:DiffusionModel, prompt:str)->PromptEncoding:
 
 # %% ../nbs/00_models.ipynb #0c582712
 def check_timesteps(timesteps, num_train_timesteps:int)->list:
-    "`timesteps` as a list of ints, each in [0, num_train_timesteps); a clear error otherwise."
-    ts = [timesteps] if isinstance(timesteps, (int, np.integer)) else list(timesteps)
+    "`timesteps` (an int, or a list, tuple, range, numpy or torch array of ints) as a list of ints in [0, num_train_timesteps)."
+    if isinstance(timesteps, (str, bytes)):
+        raise ValueError(f"timesteps={timesteps!r} is text: pass integers, e.g. timesteps=[0, 50].")
+    if hasattr(timesteps, "tolist"): timesteps = timesteps.tolist()       # numpy / torch arrays and scalars
+    ts = list(timesteps) if isinstance(timesteps, (list, tuple, range)) else [timesteps]
     if not ts: raise ValueError("No timesteps given: pass at least one, e.g. timesteps=(0,).")
     for t in ts:
-        if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < num_train_timesteps:
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+            raise ValueError(f"Timestep {t!r} is a {type(t).__name__}, not an integer: timesteps are the scheduler's "
+                             f"integer training timesteps (0 = clean), e.g. timesteps=[0, 50].")
+        if not 0 <= t < num_train_timesteps:
             raise ValueError(f"Timestep {t!r} is outside [0, {num_train_timesteps}): timesteps are the scheduler's "
                              f"integer training timesteps (0 = clean).")
     return [int(t) for t in ts]
