@@ -96,6 +96,9 @@ def comparison_notes(dataset:str, # data set name
         if dataset == "cocostuff27": notes.append("the paper's COCO-Stuff resolution is not known (DiffSeg: 512 crops, STEGO: 320)")
         if dataset == "cityscapes":
             notes.append("prompts 'traffic light'/'traffic sign' at full resolution: md_probe's protocol; the authors' is cityscapes_ov")
+        if dataset in ("cityscapes", "cityscapes_ov"):
+            notes.append(f"features from the whole image at input {result.image_size}; the authors' come from 512 x 512 sliding "
+                         "windows at native resolution")
     elif method == "kmeans" and (result.options or {}).get("k") == "present":
         notes.append("k = the number of ground-truth classes in each image: k-means is given ground-truth information")
     elif method == "unsupervised":

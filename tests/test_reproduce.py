@@ -113,6 +113,8 @@ def test_float16_first_pass_equals_the_released_code(shapes):
     torch.testing.assert_close(dseg.diffseg_merge(A, torch.tensor([0, 2]), 0.5, 1, "float16")[0], A[0])
     assert not torch.allclose(dseg.diffseg_merge(A, torch.tensor([0, 2]), 0.5, 1)[0], A[0])
     assert torch.tensor(1.1, dtype=torch.float16).item() < 1.1                 # TensorFlow compares with tau in float16
+    p, q = torch.rand(9, 40).softmax(1), torch.rand(11, 40).softmax(1)    # chunks of anchors give the one-chunk result
+    torch.testing.assert_close(dseg._sym_kl_float16(p, q, budget=3 * 11 * 40), dseg._sym_kl_float16(p, q), rtol=0, atol=0)
 
 
 def test_published_diffseg_runs_on_the_device_it_is_given(shapes):
