@@ -209,12 +209,12 @@ def add_reproduce_args(parser:argparse.ArgumentParser, # a parser (or sub-parser
     a = parser.add_argument
     a("--root", default=None, help="data root with cocostuff/, cityscapes/, potsdam/ (default: $MD_PROBE_DATA; none: the shapes data set)")
     a("--model", default=None, help=f"model (default: {DEFAULT_SD}; the shapes model without a data root)")
-    a("--datasets", default=",".join(REPRODUCE_DATASETS), help="comma-separated data sets (default: all three)")
+    a("--datasets", default=",".join(REPRODUCE_DATASETS), help=f"comma-separated data sets (default: {', '.join(REPRODUCE_DATASETS)})")
     a("--methods", default=",".join(REPRODUCE_METHODS), help="comma-separated methods (default: the paper's four)")
     a("--limit", type=int, default=None, help="score only the first N images of each data set")
     a("--out", default="reproduce-runs", help="folder of the per-row resumable runs and table.md (default: reproduce-runs)")
     a("--batch-size", type=int, default=8); a("--num-workers", type=int, default=None)
-    a("--device", default=None); a("--dtype", default="auto")
+    a("--device", default=None); a("--dtype", default="fp32", help="fp32 (default: both published pipelines ran in fp32), bf16, fp16, auto")
     a("--n", type=int, default=None, help="shapes fallback: number of scenes (default 200)")
     a("--no-progress", action="store_true")
     return parser

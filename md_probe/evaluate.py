@@ -18,11 +18,12 @@ from .segment import (MaskDiffusion, UnsupervisedMaskDiffusion, build_prompts, p
 from .diffseg import DiffSeg
 from .metrics import ConfusionAccumulator, Scores, PROTOCOLS, confusion_counts
 from .utils import write_text_atomic, progress as progress_bar
+from . import __version__
 
 # %% auto #0
-__all__ = ['EVAL_METHODS', 'forward_batch', 'prompt_class_ids', 'EvalMethod', 'MaskDiffusionEval', 'AttentionArgmaxEval',
-           'OracleEval', 'UnsupervisedEval', 'KMeansEval', 'DiffSegEval', 'method_key', 'make_method', 'RecordLog',
-           'Result', 'process_state', 'evaluate']
+__all__ = ['EVAL_METHODS', 'PROTOCOL_SOURCES', 'forward_batch', 'prompt_class_ids', 'EvalMethod', 'MaskDiffusionEval',
+           'AttentionArgmaxEval', 'OracleEval', 'UnsupervisedEval', 'KMeansEval', 'DiffSegEval', 'method_key',
+           'make_method', 'RecordLog', 'scoring_text', 'Result', 'process_state', 'evaluate']
 
 # %% ../nbs/07_evaluate.ipynb #b4659e0f
 def _encodings(model:DiffusionModel, prompts, cache:dict)->dict:
@@ -327,18 +328,68 @@ def _accumulator(num_classes:int, protocol:str, named:bool)->ConfusionAccumulato
 # %% ../nbs/07_evaluate.ipynb #71528172
 def _nan_to_none(x): return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
+PROTOCOL_SOURCES = {  # protocol -> what it is and whose released code it follows
+    "supervised": "class ids scored directly, no matching (mmsegmentation IoUMetric; STEGO UnsupervisedMetrics without Hungarian)",
+    "per_image": "Hungarian matching per image over all classes (DiffSeg, google/diffseg diffseg/utils.py hungarian_matching)",
+    "dataset": "one Hungarian matching over the data set (STEGO, src/utils.py UnsupervisedMetrics)",
+}
+
+def scoring_text(transform, # a data set's transform (`SegDataset.transform`): None, a partial of md_probe.data's, or a function
+                )->str:
+    "Where a data set's labels are scored, in words (the tables' 'scored at' column)."
+    if transform is None: return "as stored"
+    f, kw = getattr(transform, "func", transform), dict(getattr(transform, "keywords", None) or {})
+    name, size = getattr(f, "__name__", type(f).__name__), kw.get("size")
+    if name == "resize_crop" and size: return f"{size}x{size} centre crops (resize_crop)"
+    if name == "resize_label" and size: return f"labels at {size[0]}x{size[1]}, image as stored (resize_label)"
+    return name if size is None else f"{name} {size}"
+
+def _input_text(method)->str:
+    "What the model sees: the prepared input size of `method`."
+    kw = method.prepare().keywords
+    s = kw["image_size"]
+    return f"longer side {s}, aspect kept, padded to /{kw['stride']}" if kw["keep_aspect"] else f"{s}x{s}"
+
+def _class_source(dataset)->str:
+    "Where the data set's prompt names come from: the shipped class file, or names given by the user."
+    given = getattr(dataset, "class_source", None)         # a reader that records it says so itself
+    if given: return str(given)
+    from md_probe.data import CLASS_FILES, class_names
+    try: shipped = class_names(dataset.name)
+    except (ValueError, KeyError, OSError): return "custom prompt names"
+    if list(dataset.classes) != list(shipped): return "custom prompt names"
+    if dataset.name == "shapes": return "md_probe.shapes.SHAPE_CLASSES"
+    return f"md_probe class file {CLASS_FILES[dataset.name]}.txt"
+
+def _provenance(method, dataset)->dict:
+    "The fields of a `Result` that say what produced it (besides data set, method and protocol)."
+    spec = method.spec()
+    return dict(dtype=str(method.model.dtype).removeprefix("torch."), image_size=_input_text(method),
+                scored_at=scoring_text(dataset.transform), dataset_protocol=dataset.protocol,
+                class_source=_class_source(dataset), prompts=list(dataset.classes), options=spec["options"],
+                config=spec["config"], version=__version__)
+
 @dataclass
 class Result:
     "What `evaluate` found: the scores under the protocol, with what produced them."
     dataset: str          # data set name
     method: str           # method name (a key of EVAL_METHODS)
-    protocol: str         # "supervised" | "per_image" | "dataset"
-    model: str            # model name
+    protocol: str         # "supervised" | "per_image" | "dataset" (see PROTOCOL_SOURCES)
+    model: str            # model name (hub id, folder or toy name)
     classes: list         # class names in label order (the published names)
     scores: Scores        # mIoU, pixel accuracy, per-class IoU, confusion
     n_images: int         # images scored
     images_per_s: float   # throughput of this run (all processes together); NaN if nothing was left to compute
     out: Path|None = None # the run's folder
+    dtype: str = ""               # the model's dtype ("float32", "bfloat16", ...)
+    image_size: str = ""          # what the model sees: "512x512", or the longer side with the aspect kept
+    scored_at: str = ""           # where the labels are scored: the data set's transform (`scoring_text`)
+    dataset_protocol: str = ""    # the data set's published protocol (`SegDataset.protocol`)
+    class_source: str = ""        # where the prompt names come from (the shipped class file, or custom names)
+    prompts: list|None = None     # the prompt names in label order (what a named method is given)
+    options: dict|None = None     # the runner's options of the method (`EvalMethod.spec`)
+    config: dict|None = None      # the segmenter's configuration (`EvalMethod.spec`)
+    version: str = __version__    # md_probe's version
 
     @property
     def miou(self)->float: return self.scores.miou
@@ -346,14 +397,17 @@ class Result:
     def pixel_accuracy(self)->float: return self.scores.pixel_accuracy
     @property
     def per_class_iou(self)->dict:
-        "{class name: IoU}, None for classes absent from the ground truth."
+        "{class name: IoU}, None for classes absent from both the ground truth and the predictions."
         return {c: _nan_to_none(float(v)) for c, v in zip(self.classes, self.scores.per_class)}
 
     def to_dict(self)->dict:
         "The fields of result.json (NaN as null)."
-        return dict(dataset=self.dataset, method=self.method, protocol=self.protocol, model=self.model,
-                    n_images=self.n_images, miou=_nan_to_none(self.miou), pixel_accuracy=_nan_to_none(self.pixel_accuracy),
-                    per_class_iou=self.per_class_iou, images_per_s=_nan_to_none(self.images_per_s))
+        return dict(dataset=self.dataset, method=self.method, protocol=self.protocol, model=self.model, dtype=self.dtype,
+                    image_size=self.image_size, scored_at=self.scored_at, dataset_protocol=self.dataset_protocol,
+                    class_source=self.class_source, prompts=self.prompts, options=self.options, config=self.config,
+                    version=self.version, n_images=self.n_images, miou=_nan_to_none(self.miou),
+                    pixel_accuracy=_nan_to_none(self.pixel_accuracy), per_class_iou=self.per_class_iou,
+                    images_per_s=_nan_to_none(self.images_per_s))
 
     def table(self):
         "Per-class IoU and ground-truth pixel share as a pandas DataFrame (the summary in `.attrs`)."
@@ -364,8 +418,8 @@ class Result:
         return df
 
     def __repr__(self):
-        return (f"Result({self.method} on {self.dataset}, protocol {self.protocol}, model {self.model}: mIoU {self.miou:.4f}, "
-                f"pixel accuracy {self.pixel_accuracy:.4f}, {self.n_images} images, {self.images_per_s:.2f} images/s)")
+        return (f"Result({self.method} on {self.dataset}, protocol {self.protocol}, model {self.model} ({self.dtype or '?'}): "
+                f"mIoU {self.miou:.4f}, pixel accuracy {self.pixel_accuracy:.4f}, {self.n_images} images, {self.images_per_s:.2f} images/s)")
 
 # %% ../nbs/07_evaluate.ipynb #c2c9bda1
 def _fmt(v, digits=4)->str: return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
@@ -373,9 +427,13 @@ def _title(method:str)->str: return EVAL_METHODS[method].title if method in EVAL
 
 @patch
 def to_markdown(self:Result)->str:
-    "The result as a markdown report: summary line, then the per-class table."
+    "The result as a markdown report: what produced it, the scores, then the per-class table."
+    what = PROTOCOL_SOURCES.get(self.protocol, "")
     rows = [f"## {_title(self.method)} on {self.dataset}", "",
-            f"protocol **{self.protocol}**, model `{self.model}`, {self.n_images} images, {_fmt(self.images_per_s, 2)} images/s", "",
+            f"- protocol **{self.protocol}**" + (f": {what}" if what else ""),
+            f"- data set: {self.dataset_protocol or self.dataset}; labels scored: {self.scored_at or 'n/a'}",
+            f"- model `{self.model}` ({self.dtype or 'n/a'}), input {self.image_size or 'n/a'}; prompt names: {self.class_source or 'n/a'}",
+            f"- md_probe {self.version}; {self.n_images} images, {_fmt(self.images_per_s, 2)} images/s", "",
             f"| mIoU | pixel accuracy |", "|---:|---:|", f"| {_fmt(self.miou)} | {_fmt(self.pixel_accuracy)} |", "",
             "| class | IoU |", "|---|---:|"]
     rows += [f"| {c} | {_fmt(v)} |" for c, v in self.per_class_iou.items()]
@@ -539,7 +597,7 @@ def evaluate(method, # an EvalMethod, or a name of EVAL_METHODS (then pass model
     n_new, wall = sum(len(r) for r, _ in parts), max(s for _, s in parts)
     res = Result(dataset.name, method.name, protocol, method.model.name, list(dataset.label_names),
                  _scores(records, C, protocol, method.named), len(records), n_new / wall if n_new and wall > 0 else float("nan"),
-                 Path(out) if out is not None else None)
+                 Path(out) if out is not None else None, **_provenance(method, dataset))
     if out is not None and state.is_main_process: _write_result(res, Path(out))
     return res
 

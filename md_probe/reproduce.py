@@ -6,39 +6,104 @@
 from __future__ import annotations
 import math
 from pathlib import Path
+from typing import NamedTuple
+from . import __version__
 from .models import DiffusionModel
 from .evaluate import EVAL_METHODS, evaluate, make_method
-from .diffseg import DIFFSEG_SHAPES_TAU, DIFFSEG_TAU
+from .diffseg import DIFFSEG_SHAPES_TAU, DIFFSEG_TAU, DIFFSEG_RELEASED
 
 # %% auto #0
-__all__ = ['PUBLISHED', 'REPRODUCE_DATASETS', 'REPRODUCE_METHODS', 'DEFAULT_SD', 'reproduce_rows', 'reproduce_table',
-           'shapes_report']
+__all__ = ['PUBLISHED', 'NOT_PUBLISHED', 'REPRODUCE_DATASETS', 'NAMED_ONLY', 'REPRODUCE_METHODS', 'REPRODUCE_DTYPE', 'DEFAULT_SD',
+           'Published', 'comparison_notes', 'reproduce_rows', 'reproduce_table', 'shapes_report']
 
 # %% ../nbs/07a_reproduce.ipynb #e26b16b7
-PUBLISHED = {  # (data set, method) -> (mIoU %, pixel accuracy %, source)
-    ("cocostuff27", "diffseg"): (43.6, 72.5, "DiffSeg (Tian et al., CVPR 2024), per-image Hungarian, 512 crops"),
-    ("cityscapes27", "diffseg"): (21.2, 76.0, "DiffSeg (Tian et al., CVPR 2024), per-image Hungarian, 512 crops"),
-    ("cocostuff27", "maskdiffusion"): (43.6 + 14.8, None, "MaskDiffusion paper: DiffSeg + 14.8"),
-    ("potsdam3", "maskdiffusion"): (None, None, "MaskDiffusion paper: GEM + 10.5"),
+class Published(NamedTuple):
+    "A published reference point: the number, how it was computed, where it is published."
+    miou: float|None             # mIoU in % (None: not published)
+    pixel_accuracy: float|None   # pixel accuracy in % (None: not published)
+    protocol: str                # how the published number was computed
+    source: str                  # where it comes from (paper table, released code) and what is not confirmed
+
+_DIFFSEG_PUBLISHED = ("unsupervised, per-image Hungarian over 27 classes, 512x512 centre crops, KerasCV's port of SD v1.4 "
+                      "in fp32, tau {tau}, no refinement (google/diffseg benchmarks.ipynb)")
+_DIFFSEG_SOURCE = "DiffSeg paper (Tian et al., CVPR 2024), as quoted in METHOD.md section 6 (the repository holds the code, not the numbers)"
+PUBLISHED = {  # (data set, method) -> Published
+    ("cocostuff27", "diffseg"): Published(43.6, 72.5, _DIFFSEG_PUBLISHED.format(tau=1.1), _DIFFSEG_SOURCE),
+    ("cityscapes27", "diffseg"): Published(21.2, 76.0, _DIFFSEG_PUBLISHED.format(tau=0.9), _DIFFSEG_SOURCE),
+    ("cocostuff27", "maskdiffusion"): Published(43.6 + 14.8, None,
+        "open vocabulary: the 27 class names as prompts, scored without matching; resolution not stated in METHOD.md",
+        "MaskDiffusion paper (Kawano & Aoki, 2024): +14.8 mIoU over DiffSeg (METHOD.md), read as 43.6 + 14.8; "
+        "that its DiffSeg row is 43.6 is not confirmed"),
+    ("potsdam3", "maskdiffusion"): Published(None, None, "open vocabulary on Potsdam-3",
+        "MaskDiffusion paper: +10.5 mIoU over GEM (METHOD.md); GEM's number is not in METHOD.md"),
+    ("cityscapes_ov", "maskdiffusion"): Published(None, None,
+        "the authors' open-vocabulary Cityscapes: 19 trainIds, prompts 'light'/'sign', scored at 256x352 (Valkyrja3607/MaskDiffusion scripts/run.py)",
+        "not published: neither METHOD.md nor the method audit gives a number for this protocol"),
 }
-REPRODUCE_DATASETS = ("cocostuff27", "cityscapes27", "potsdam3")
+NOT_PUBLISHED = Published(None, None, "", "not published")
+REPRODUCE_DATASETS = ("cocostuff27", "cityscapes27", "cityscapes", "cityscapes_ov", "potsdam3")
+NAMED_ONLY = ("cityscapes", "cityscapes_ov")   # open-vocabulary protocols: no rows for the unnamed methods
 REPRODUCE_METHODS = {"maskdiffusion": {}, "unsupervised": {}, "kmeans": {"k": "present"}, "diffseg": {}}
+REPRODUCE_DTYPE = "fp32"   # both published pipelines ran in float32
 DEFAULT_SD = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 # %% ../nbs/07a_reproduce.ipynb #33b02093
 def _pct(v)->str: return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}"
 
+def _released_diffseg(opts:dict)->bool: return all(opts.get(k) == v for k, v in DIFFSEG_RELEASED.items())
+
 def _protocol_text(method:str, protocol:str, opts:dict)->str:
     if protocol == "supervised": return "supervised (class-name prompts)"
-    k = {"unsupervised": "k by eigengap", "kmeans": "k = classes present", "diffseg": f"tau {opts.get('tau', 1.1)}"}.get(method, "")
+    tau = f"tau {opts.get('tau', 1.1)}" + (", as published (benchmarks.ipynb)" if _released_diffseg(opts) else "")
+    k = {"unsupervised": "k by eigengap", "kmeans": "k = classes present", "diffseg": tau}.get(method, "")
     return f"{'per-image' if protocol == 'per_image' else 'dataset'} Hungarian" + (f", {k}" if k else "")
 
 def _options(dataset:str, method:str)->dict:
     "The options `method` runs with on `dataset` in the table."
     opts = dict(REPRODUCE_METHODS.get(method, {}))
-    if method == "diffseg": opts["tau"] = DIFFSEG_SHAPES_TAU if dataset == "shapes" else DIFFSEG_TAU.get(dataset, 1.1)
+    if method == "diffseg":   # DiffSegConfig.published's fields, as plain options
+        opts.update(DIFFSEG_RELEASED, tau=DIFFSEG_SHAPES_TAU if dataset == "shapes" else DIFFSEG_TAU.get(dataset, 1.1))
     if dataset == "shapes" and EVAL_METHODS[method].named: opts["prompt_classes"] = "present"
     return opts
+
+def _in_table(dataset:str, method:str)->bool: return EVAL_METHODS[method].named or dataset not in NAMED_ONLY
+
+def comparison_notes(dataset:str, # data set name
+                     method:str, # key of EVAL_METHODS
+                     result, # the run's `evaluate.Result`
+                     published:Published=NOT_PUBLISHED, # its published reference point
+                    )->list: # why the comparison is not like for like (empty: it is, as far as md_probe knows)
+    "What differs between a row and its published number (model, precision, features, supervision, configuration)."
+    if dataset == "shapes": return ["toy data set and model: nothing is published for them"]
+    notes, c = [], result.config or {}
+    if result.dtype and result.dtype != "float32": notes.append(f"run in {result.dtype}; the published pipelines ran in float32")
+    if method == "diffseg":
+        if "stable-diffusion-v1-4" not in result.model:
+            notes.append(f"model {result.model}; DiffSeg's published run used KerasCV's port of SD v1.4")
+        pub = {**DIFFSEG_RELEASED, "tau": DIFFSEG_TAU.get(dataset, 1.1)}
+        diff = [f"{k}={c.get(k)!r} (published: {v!r})" for k, v in pub.items() if c.get(k) != v]
+        if diff: notes.append("DiffSeg configuration differs from benchmarks.ipynb: " + ", ".join(diff))
+    elif EVAL_METHODS[method].named:
+        notes.append(f"model {result.model}; the authors used SD v1.4 for attention and v1.3 for features")
+        notes.append("the authors' released features pass through projection heads trained by ODISE "
+                     "(Valkyrja3607/MaskDiffusion model_weights/feature_extractor.pth); md_probe reads raw frozen UNet activations")
+        if c.get("similarity") != "dot" or c.get("attention") != "exp_logits":
+            notes.append(f"similarity {c.get('similarity')!r} with {c.get('attention')!r} attention (METHOD.md's reading of the paper); "
+                         "the released code uses the dot product with exp(QK^T/sqrt(d))")
+        if published.miou is not None and "over DiffSeg" in published.source:
+            notes.append("the published gain sets MaskDiffusion, given the class names and scored without matching, against "
+                         "DiffSeg, unsupervised and scored by per-image Hungarian matching")
+        if dataset == "cocostuff27": notes.append("the paper's COCO-Stuff resolution is not known (DiffSeg: 512 crops, STEGO: 320)")
+        if dataset == "cityscapes":
+            notes.append("prompts 'traffic light'/'traffic sign' at full resolution: md_probe's protocol; the authors' is cityscapes_ov")
+        if dataset in ("cityscapes", "cityscapes_ov"):
+            notes.append(f"features from the whole image at input {result.image_size}; the authors' come from 512 x 512 sliding "
+                         "windows at native resolution")
+    elif method == "kmeans" and (result.options or {}).get("k") == "present":
+        notes.append("k = the number of ground-truth classes in each image: k-means is given ground-truth information")
+    elif method == "unsupervised":
+        notes.append("Unsupervised MaskDiffusion's algorithm and protocol are md_probe's own (the paper's are not public)")
+    return notes
 
 def reproduce_rows(datasets, # data set names (`md_probe.data`)
                    methods, # keys of `EVAL_METHODS`
@@ -47,36 +112,53 @@ def reproduce_rows(datasets, # data set names (`md_probe.data`)
                    out=None, # folder of the per-row resumable runs (None: keep nothing)
                    batch_size:int=8, limit=None, num_workers=None, progress:bool=True, state=None, # as `evaluate`
                    dataset_kw:dict|None=None, # passed to `load_dataset` (e.g. n= for shapes)
-                  )->list: # one dict per (data set, method)
-    "Run each (data set, method) and return one row dict per run (a missing data set gives a row saying so)."
+                  )->list: # one dict per (data set, method) of the table
+    "Run each (data set, method) of the table and return one row dict per run (a missing data set gives a row saying so)."
     from md_probe.data import load_dataset, DatasetNotFoundError
     rows = []
     for d in datasets:
+        ms = [m for m in methods if _in_table(d, m)]
         try: ds = load_dataset(d, root, transform="protocol", **(dataset_kw or {}))
         except DatasetNotFoundError as e:
-            rows += [dict(dataset=d, method=m, protocol="", error=str(e)) for m in methods]; continue
-        for m in methods:
+            rows += [dict(dataset=d, method=m, protocol="", error=str(e)) for m in ms]; continue
+        for m in ms:
             opts = _options(d, m)
             r = evaluate(make_method(m, model, **opts), ds, batch_size=batch_size, limit=limit, num_workers=num_workers,
                          out=None if out is None else Path(out) / f"{d}-{m}", progress=progress, state=state)
-            pub = PUBLISHED.get((d, m), (None, None, ""))
-            rows.append(dict(dataset=d, method=m, protocol=_protocol_text(m, r.protocol, opts), images=r.n_images,
-                             miou=100 * r.miou, pixel_accuracy=100 * r.pixel_accuracy, published_miou=pub[0],
-                             published_accuracy=pub[1], source=pub[2], images_per_s=r.images_per_s))
+            pub = PUBLISHED.get((d, m), NOT_PUBLISHED)
+            rows.append(dict(dataset=d, method=m, protocol=_protocol_text(m, r.protocol, opts), scored_at=r.scored_at,
+                             model=r.model, dtype=r.dtype, image_size=r.image_size, class_source=r.class_source,
+                             version=r.version, options=r.options, config=r.config, images=r.n_images,
+                             miou=100 * r.miou, pixel_accuracy=100 * r.pixel_accuracy, published_miou=pub.miou,
+                             published_accuracy=pub.pixel_accuracy, published_protocol=pub.protocol, source=pub.source,
+                             notes=comparison_notes(d, m, r, pub), images_per_s=r.images_per_s))
     return rows
 
+def _like_for_like(r:dict, numbers:dict)->str:
+    refs = ", ".join(str(numbers[n]) for n in r["notes"])
+    if r["published_miou"] is None and r["published_accuracy"] is None: return "nothing published" + (f" ({refs})" if refs else "")
+    return f"no: {refs}" if refs else "yes, as far as md_probe knows"
+
 def reproduce_table(rows:list)->str:
-    "The rows as a markdown table, ours beside the published numbers."
-    head = ["| data set | method | protocol | images | mIoU | pixel acc. | published mIoU | published acc. | source |",
-            "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    "The rows as markdown: ours beside the published numbers, each with its protocol and source, then the numbered notes."
+    numbers = {}
+    for r in rows:
+        for n in r.get("notes", ()): numbers.setdefault(n, len(numbers) + 1)
+    version = next((r["version"] for r in rows if "version" in r), __version__)
+    head = [f"md_probe {version}: mIoU and pixel accuracy in %, ours beside the published numbers.", "",
+            "| data set | method | protocol | scored at | model (dtype) | images | mIoU | pixel acc. | published mIoU | "
+            "published acc. | published protocol | source | like for like |",
+            "|---|---|---|---|---|---:|---:|---:|---:|---:|---|---|---|"]
     body = []
     for r in rows:
         title = EVAL_METHODS[r["method"]].title
         if "error" in r:
-            body.append(f"| {r['dataset']} | {title} | | | missing: {r['error'].splitlines()[0]} | | | | |"); continue
-        body.append(f"| {r['dataset']} | {title} | {r['protocol']} | {r['images']} | {_pct(r['miou'])} | "
-                    f"{_pct(r['pixel_accuracy'])} | {_pct(r['published_miou'])} | {_pct(r['published_accuracy'])} | {r['source']} |")
-    return "\n".join(head + body) + "\n"
+            body.append(f"| {r['dataset']} | {title} | | | | | missing: {r['error'].splitlines()[0]} | | | | | | |"); continue
+        body.append(f"| {r['dataset']} | {title} | {r['protocol']} | {r['scored_at']} | {r['model']} ({r['dtype']}) | {r['images']} | "
+                    f"{_pct(r['miou'])} | {_pct(r['pixel_accuracy'])} | {_pct(r['published_miou'])} | {_pct(r['published_accuracy'])} | "
+                    f"{r['published_protocol']} | {r['source']} | {_like_for_like(r, numbers)} |")
+    notes = ["", "Not like for like:", ""] + [f"{i}. {n}" for n, i in numbers.items()] if numbers else []
+    return "\n".join(head + body + notes) + "\n"
 
 # %% ../nbs/07a_reproduce.ipynb #e96282a5
 def shapes_report(n:int=200, # held-out scenes

@@ -212,7 +212,8 @@ def test_cli_eval_writes_the_result_files(tiny, coco_root, tmp_path, capsys):
                "--limit", "3", "--out", str(tmp_path), "--no-progress"])
     assert rc == 0
     r = json.loads((tmp_path / "result.json").read_text())
-    assert set(r) == {"dataset", "method", "protocol", "model", "n_images", "miou", "pixel_accuracy", "per_class_iou", "images_per_s"}
+    assert set(r) == {"dataset", "method", "protocol", "model", "n_images", "miou", "pixel_accuracy", "per_class_iou", "images_per_s",
+                      "dtype", "image_size", "scored_at", "dataset_protocol", "class_source", "prompts", "options", "config", "version"}
     assert (r["dataset"], r["method"], r["protocol"], r["model"], r["n_images"]) == ("cocostuff27", "attention", "supervised", "tiny", 3)
     assert len(r["per_class_iou"]) == 27 and "food-stuff" in r["per_class_iou"]    # the published names
     assert "| class | IoU |" in (tmp_path / "result.md").read_text()
