@@ -290,9 +290,11 @@ def _with_tensors(self:ProbeCache, f, **changes)->ProbeCache:
 def select(self:ProbeCache, t=None, # timestep value(s) to keep (None: all)
            image=None, # image position(s): an int, a list or a slice (None: all)
            prompt=None, # prompt position(s), as `image`
+           step=None, # or timestep row position(s), as `image` (a trace may visit one timestep twice)
           )->ProbeCache: # the same axes, fewer rows
     "The cache restricted to some timesteps, images and prompts (views, when the rows are contiguous)."
-    ti = _index(None if t is None else self._rows(t), len(self.timesteps))
+    if t is not None and step is not None: raise ValueError("Pass t= (timestep values) or step= (row positions), not both.")
+    ti = _index(self._rows(t) if t is not None else step, len(self.timesteps))
     bi, pi = _index(image, len(self.image_hw)), _index(prompt, len(self.prompts))
     pick = lambda xs, ix: xs[ix] if isinstance(ix, slice) else [xs[i] for i in ix]
     take = lambda x: x[ti][:, bi][:, :, pi] if not isinstance(bi, slice) or not isinstance(pi, slice) else x[ti, bi, pi]
