@@ -27,7 +27,7 @@ def _image_of(cache:ProbeCache, image:int=0)->np.ndarray:
 
 def _sub_cache(cache:ProbeCache, ti:int)->ProbeCache:
     "A view of `cache` at its `ti`-th timestep row only (no copy)."
-    return cache.select(t=cache.timesteps[ti])
+    return cache.select(step=ti)
 
 def _unique(xs): return list(dict.fromkeys(xs))
 
