@@ -23,12 +23,6 @@ RESULT_FIELDS = {"dataset", "method", "protocol", "model", "dtype", "image_size"
 
 
 @pytest.fixture(scope="module")
-def tiny(): return load_model("tiny")
-
-@pytest.fixture(scope="module")
-def shapes(): return load_model("shapes")
-
-@pytest.fixture(scope="module")
 def coco_root(tmp_path_factory):
     return make_fake_dataset("cocostuff27", tmp_path_factory.mktemp("coco"), n=3, size=(40, 56), seed=5)
 

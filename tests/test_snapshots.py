@@ -16,11 +16,6 @@ from md_probe.shapes import make_scenes
 
 
 @pytest.fixture(scope="module")
-def shapes():
-    return load_model("shapes")
-
-
-@pytest.fixture(scope="module")
 def scene():
     return next(s for s in make_scenes(6, seed=12345) if len(s.classes) >= 3)
 
