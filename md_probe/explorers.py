@@ -154,7 +154,7 @@ def _timesteps(model:DiffusionModel, timesteps)->list:
 def _layer_groups(cache:ProbeCache)->dict:
     "Attention layer choices: {label: [layer names]} — all, each resolution (finest first), each layer."
     by_res = {}
-    for l in cache.probs: by_res.setdefault(cache.probshw(l), []).append(l)
+    for l in cache.probs: by_res.setdefault(cache.attention_hw(l), []).append(l)
     groups = {f"all layers ({len(cache.probs)})": list(cache.probs)}
     groups |= {f"{h}x{w} ({len(ls)})": ls for (h, w), ls in sorted(by_res.items(), reverse=True)}
     return groups | {l: [l] for l in cache.probs}
@@ -601,7 +601,7 @@ class SegmentationExplorer(Explorer):
         if self.md is not None: return self.md.config
         c = self.cache
         if not (c.feats and c.probs): raise ValueError("The cache needs features and cross-attention: probe with layers=[...] and cross_attention=True.")
-        return MaskDiffusionConfig(feature_layers=tuple(c.layers), attention_layers=tuple(c.probslayers))   # grids 32
+        return MaskDiffusionConfig(feature_layers=tuple(c.layers), attention_layers=tuple(c.attention_layers))   # grids 32
 
     def _probe(self, classes):
         "Probe the image for `classes`: one UNet call (all timesteps and class prompts in its batch)."

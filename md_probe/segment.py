@@ -170,7 +170,7 @@ def class_attention(cache:ProbeCache, where:list, # per class: (prompt index, to
             if attention == "exp_logits":
                 if l not in cache.lse: raise ValueError("attention='exp_logits' needs the logits' logsumexp: probe with with_lse=True.")
                 a = a * cache.lse[l][step, image, p].exp()[..., None]
-            m = a[..., pos].mean(0).mean(-1).reshape(cache.probshw(l))  # heads, then the class's tokens
+            m = a[..., pos].mean(0).mean(-1).reshape(cache.attention_hw(l))  # heads, then the class's tokens
             maps.append(F.interpolate(m[None, None].float(), size=grid, mode="bilinear", align_corners=False)[0, 0])
         out.append(torch.stack(maps).mean(0))
     m = torch.stack(out)
@@ -398,7 +398,7 @@ def maskdiffusion_head(cache:ProbeCache, # a probe holding the config's feature 
     "MaskDiffusion on a probe's tensors (no UNet call): attention-weighted representatives, scores, labels."
     c = config
     _check_in_cache(cache, c.feature_layers, cache.layers, "features")
-    _check_in_cache(cache, c.attention_layers, cache.probslayers, "cross-attention")
+    _check_in_cache(cache, c.attention_layers, cache.attention_layers, "cross-attention")
     raw = class_attention(cache, where, c.attention_layers, c.attention_grid, c.attention, image, normalize=False)
     m = raw / raw.flatten(1).amax(1).clamp(min=1e-12)[:, None, None]
     f = pixel_features(cache, c.feature_layers, c.grid, image)                  # (D, h, w), unit pixels
@@ -482,7 +482,7 @@ def attention_argmax_head(cache:ProbeCache, # a probe holding the config's atten
                           config:MaskDiffusionConfig, # attention_layers, attention_grid, attention, threshold are read
                           image:int=0)->Segmentation:
     "The attention-argmax baseline on a probe's tensors (no UNet call)."
-    _check_in_cache(cache, config.attention_layers, cache.probslayers, "cross-attention")
+    _check_in_cache(cache, config.attention_layers, cache.attention_layers, "cross-attention")
     m = class_attention(cache, where, config.attention_layers, config.attention_grid, config.attention, image)
     up = upsample_scores(m, cache, image)
     return Segmentation(scores_to_labels(up, classes, config.threshold), up, classes, m,
