@@ -165,7 +165,7 @@ def test_gather_is_not_imported_for_one_process():
 def test_diffseg_aggregate_on_a_non_square_grid(tiny):
     "The on-the-fly aggregate equals the definition computed from stored maps, on an 8 x 16 latent grid."
     img = (np.random.default_rng(0).random((64, 128, 3)) * 255).astype(np.uint8)
-    p = tiny.prepare_image(img, size=128, keep_aspect=True)
+    p = tiny.prepare_image(img, image_size=128, keep_aspect=True)
     assert tuple(p.pixels.shape[-2:]) == (64, 128)
     seg = dseg.DiffSeg(tiny, image_size=128, keep_aspect=True)
     agg = seg.store((64, 128))
@@ -240,7 +240,7 @@ def test_run_json_records_the_config_as_data(tiny, coco_root, tmp_path):
         ev.evaluate("diffseg", data, model=tiny, batch_size=5, out=tmp_path, limit=1, progress=False, tau=0.6)
     ev.evaluate("kmeans", data, model=tiny, batch_size=5, out=tmp_path / "km", limit=1, progress=False, k=2)
     run = json.loads((tmp_path / "km" / "run.json").read_text())
-    assert run["options"] == {"k": 2} and run["config"]["timestep"] == ev.make_method("kmeans", tiny).seg.timestep
+    assert run["options"] == {"k": 2} and run["config"]["timestep"] == ev.make_method("kmeans", tiny).seg.config.timestep
     assert all(not isinstance(v, str) or not v.startswith(("(", "[", "{")) for v in run["config"].values())   # no reprs
 
 
