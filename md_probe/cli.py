@@ -4,24 +4,126 @@
 
 # %% ../nbs/10_cli.ipynb #2680eb5d
 from __future__ import annotations
-import sys, os, json, argparse
+import sys, os, re, json, math, signal, argparse, difflib, threading, contextlib, unicodedata
 from pathlib import Path
 import numpy as np
 import torch
 from fastcore.imports import in_ipython
-from .utils import progress, write_text_atomic
+from .utils import atomic_write, progress, write_text_atomic
 from .metrics import PROTOCOLS
 from .diffseg import DIFFSEG_SHAPES_TAU
 from .evaluate import EVAL_METHODS, evaluate, make_method, method_key, process_state
 from .reproduce import DEFAULT_SD, REPRODUCE_DATASETS, REPRODUCE_METHODS, reproduce_rows, reproduce_table, shapes_report
 
 # %% auto #0
-__all__ = ['UsageError', 'cmd_segment', 'cmd_layers', 'cmd_probe', 'save_word_heatmaps', 'cmd_train_shapes', 'cmd_shapes_report',
-           'add_eval_args', 'cmd_eval', 'add_reproduce_args', 'cmd_reproduce', 'build_parser', 'main']
+__all__ = ['MAX_LABELS', 'UsageError', 'positive_int', 'nonnegative_int', 'seed_int', 'finite_positive_float',
+           'finite_nonnegative_float', 'segments_arg', 'k_arg', 'names_arg', 'device_arg', 'dtype_arg', 'dtype_or_auto',
+           'write_together', 'safe_file_name', 'cmd_segment', 'cmd_layers', 'heatmap_file_names', 'save_word_heatmaps',
+           'cmd_probe', 'cmd_train_shapes', 'cmd_shapes_report', 'add_eval_args', 'cmd_eval', 'add_reproduce_args',
+           'cmd_reproduce', 'build_parser', 'main']
 
-# %% ../nbs/10_cli.ipynb #2b69a3e7
+# %% ../nbs/10_cli.ipynb #18f70a76
 class UsageError(Exception):
     "A mistake in the command line's input: reported in one line, exit code 2."
+    def __init__(self, message:str, prog:str|None=None): # prog: who reports it (default: the subcommand that ran)
+        super().__init__(message); self.prog = prog
+
+class _Parser(argparse.ArgumentParser):
+    "argparse's parser, except that a mistake raises `UsageError` (one line, no usage block) instead of exiting."
+    def error(self, message): raise UsageError(f"{message} (see {self.prog} --help)", self.prog)
+
+def _int_from(v:str, low:int, high:int|None=None, alt:str="")->int:
+    try: x = int(v)
+    except ValueError: x = None
+    if x is None or x < low or (high is not None and x > high):
+        span = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise argparse.ArgumentTypeError(f"pass an integer {span}{alt}, not {v!r}")
+    return x
+
+def positive_int(v:str)->int:
+    "An integer >= 1: a count or a size (`--n`, `--steps`, `--batch-size`, `--limit`, `--image-size`)."
+    return _int_from(v, 1)
+
+def nonnegative_int(v:str)->int:
+    "An integer >= 0 (`--timestep`, `--timesteps`, `--num-workers`)."
+    return _int_from(v, 0)
+
+def seed_int(v:str)->int:
+    "A seed: an integer in [0, 2**32 - 1], which numpy and torch both take."
+    return _int_from(v, 0, 2**32 - 1)
+
+def _float_from(v:str, low:float, strict:bool)->float:
+    try: x = float(v)
+    except ValueError: x = math.nan
+    if not (math.isfinite(x) and (x > low if strict else x >= low)):
+        raise argparse.ArgumentTypeError(f"pass a finite number {'>' if strict else '>='} {low:g}, not {v!r}")
+    return x
+
+def finite_positive_float(v:str)->float:
+    "A finite number > 0 (`--lr`, `--tau`): `nan` and `inf` are refused."
+    return _float_from(v, 0, strict=True)
+
+def finite_nonnegative_float(v:str)->float:
+    "A finite number >= 0 (`--grounding`)."
+    return _float_from(v, 0, strict=False)
+
+MAX_LABELS = 255   # label maps are uint8 and 255 means unlabelled: at most 255 classes or segments, 0..254
+
+def segments_arg(v:str):
+    "`--unsupervised K`: a number of segments in [1, 255] (what a label map holds), or `eigengap` to let the eigengap choose."
+    return v if v == "eigengap" else _int_from(v, 1, MAX_LABELS, alt=" or 'eigengap'")
+
+def k_arg(v:str)->str:
+    "`eval --k`: an integer >= 1, `present` (the ground truth's class count) or `eigengap`; kept as written."
+    if v in ("present", "eigengap", "none"): return v
+    try: _int_from(v, 1)
+    except argparse.ArgumentTypeError: raise argparse.ArgumentTypeError(f"--k {v!r}: use an integer >= 1, 'present' or 'eigengap'") from None
+    return v
+
+def names_arg(v:str)->str:
+    "A comma-separated list of names, none of them empty or repeated (`--methods`, `--datasets`); kept as written."
+    names = [n.strip() for n in v.split(",")]
+    if not v.strip(): raise argparse.ArgumentTypeError("pass at least one name, e.g. maskdiffusion,diffseg")
+    if not all(names): raise argparse.ArgumentTypeError(f"{v!r} has an empty name at position {names.index('')}")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup: raise argparse.ArgumentTypeError(f"{v!r} names {dup} more than once")
+    return v
+
+def device_arg(v:str)->str:
+    "A device this machine has (cpu, cuda, cuda:1, mps, ...), checked with torch before any model loads."
+    try: d = torch.device(v)
+    except (RuntimeError, ValueError, TypeError):
+        raise argparse.ArgumentTypeError(f"{v!r} is not a device: use cpu, cuda, cuda:1, mps, ...") from None
+    if d.type == "cpu": return v
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise argparse.ArgumentTypeError(f"{v!r}: {why} (torch {torch.__version__}): use --device cpu")
+        n = torch.cuda.device_count()
+        if d.index is not None and d.index >= n:
+            raise argparse.ArgumentTypeError(f"{v!r}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+        return v
+    backend = torch.backends.mps if d.type == "mps" else getattr(torch, d.type, None)
+    if d.type != "meta" and getattr(backend, "is_available", lambda: False)(): return v
+    raise argparse.ArgumentTypeError(f"{v!r}: there is no {d.type} device here: use --device cpu"
+                                     + (" or cuda" if torch.cuda.is_available() else ""))
+
+def dtype_arg(v:str)->str:
+    "A dtype name `load_model` takes (fp32, fp16, bf16 and their long names); kept as written."
+    from md_probe.models import resolve_dtype
+    try: resolve_dtype(v)
+    except ValueError: raise argparse.ArgumentTypeError(f"unknown dtype {v!r}: use fp32, fp16 or bf16") from None
+    return v
+
+def dtype_or_auto(v:str)->str:
+    "`dtype_arg`, or `auto` (eval, reproduce: bf16 or fp16 on a GPU, fp32 on the CPU)."
+    return v if v == "auto" else dtype_arg(v)
+
+# %% ../nbs/10_cli.ipynb #2b69a3e7
+def _message(e:Exception)->str:
+    "An exception's text on one line (a KeyError's without its quotes)."
+    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    return " ".join(str(text).split())
 
 def _read_images(paths)->list:
     "Every image as the RGB array a viewer shows (`load_image`), or a UsageError naming the first bad file (nothing is processed before all load)."
@@ -29,102 +131,339 @@ def _read_images(paths)->list:
     out = []
     for p in paths:
         p = Path(p)
-        if not p.is_file(): raise UsageError(f"image not found: {p}")
+        if not p.is_file(): raise UsageError(f"image not found: {p}" + (" (it is a folder)" if p.is_dir() else ""))
         try:
             out.append(load_image(p))
-        except (OSError, ValueError) as e: raise UsageError(f"cannot read image {p}: {e}") from None
+        except (OSError, ValueError) as e: raise UsageError(f"cannot read image {p}: {_message(e)}") from None
     return out
 
-def _out_dir(path)->Path:
-    "Create `path` (or check it) and prove it is writable, or a UsageError."
+def _out_dir(path, made:list|None=None)->Path:
+    "Create the folder `path` (or check the one there) and prove it is writable, or a UsageError; the folders it creates are appended to `made`."
     p = Path(path)
+    new = [q for q in (p, *p.parents) if not q.exists()][::-1]
     try:
         p.mkdir(parents=True, exist_ok=True)
-        probe_file = p / ".md_probe-write-test"
-        probe_file.write_text(""); probe_file.unlink()
-    except OSError as e: raise UsageError(f"cannot write to output folder {p}: {e.strerror or e}") from None
+        test = p / f".md_probe-write-test{os.getpid()}"
+        test.write_text(""); test.unlink()
+    except OSError as e:
+        _remove_empty(new)
+        raise UsageError(f"cannot write to output folder {p}: {e.strerror or e}") from None
+    if made is not None: made.extend(new)
     return p
 
-def _model(args):
+def _remove_empty(folders):
+    "Remove each of `folders` that is empty, deepest first (the others stay)."
+    for d in sorted(map(Path, folders), key=lambda d: len(d.parts), reverse=True):
+        with contextlib.suppress(OSError): d.rmdir()
+
+@contextlib.contextmanager
+def _tidy_on_error(made:list): # the folders a command creates (see `_out_dir`)
+    "On any error or interrupt in the block, remove the created folders that are still empty."
+    try: yield made
+    except BaseException:
+        _remove_empty(made); raise
+
+def _check_free(paths, option:str="--out"):
+    "A UsageError if an output's name is taken by a folder (or anything but a file): checked before any work."
+    for p in map(Path, paths):
+        if p.exists() and not p.is_file():
+            what = "a folder" if p.is_dir() else "not a regular file"
+            raise UsageError(f"{p} is {what}, but this command writes a file of that name: move it, or pass another {option}")
+
+# %% ../nbs/10_cli.ipynb #367684ed
+@contextlib.contextmanager
+def _sigint_held(pending:list):
+    "Hold back SIGINT (Ctrl-C) during the block; one that arrives is appended to `pending` (main thread only)."
+    if threading.current_thread() is not threading.main_thread(): yield; return
+    old = signal.signal(signal.SIGINT, lambda *a: pending.append(signal.SIGINT))
+    try: yield
+    finally: signal.signal(signal.SIGINT, old)
+
+@contextlib.contextmanager
+def write_together(paths, # the files of the group, data first and sidecars last: the order they appear in
+                  ): # yields one temporary path per file, in the same order
+    "Write several files as one: all of them appear (renamed from temporary names), or none does."
+    paths, placed, pending = [Path(p) for p in paths], [], []
+    def placed_if_renamed(p):
+        def exit_(exc_type, *_):
+            if exc_type is None: placed.append(p)
+        return exit_
+    try:
+        try:
+            stack, tmps = contextlib.ExitStack(), {}
+            for p in reversed(paths):           # unwinding is last-in first-out: the first path is renamed first
+                stack.push(placed_if_renamed(p)); tmps[p] = stack.enter_context(atomic_write(p))
+            try: yield [tmps[p] for p in paths]
+            except BaseException:
+                stack.__exit__(*sys.exc_info()); raise   # every temporary file removed
+            with _sigint_held(pending): stack.close()     # the renames
+        except BaseException:
+            for p in placed: p.unlink(missing_ok=True)
+            raise
+    finally:
+        if pending: signal.raise_signal(signal.SIGINT)   # the held Ctrl-C, once the group is whole
+
+# %% ../nbs/10_cli.ipynb #841c4649
+_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
+
+def safe_file_name(text:str, # any text, e.g. a prompt word
+                   max_bytes:int=120, # at most this many UTF-8 bytes
+                  )->str: # a file name stem (no suffix), never empty
+    "`text` as a file name stem that is safe on every file system and cannot leave its folder."
+    s = re.sub(r"[^\w.\-]+", "_", unicodedata.normalize("NFC", str(text)))
+    s = s.lstrip(".").rstrip(". ")
+    s = s.encode()[:max_bytes].decode(errors="ignore").rstrip(". ")
+    s = s or "_"
+    if s.split(".")[0].lower() in _RESERVED: s = "_" + s
+    return s
+
+# %% ../nbs/10_cli.ipynb #b2510950
+_SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+def _model_name(args)->str:
+    "The model asked for: `layers`' positional MODEL or `--model` (not two different ones), default shapes."
+    pos, opt = getattr(args, "model_arg", None), getattr(args, "model", None)
+    if pos and opt and pos != opt: raise UsageError(f"two models given, {pos!r} and --model {opt!r}: pass one")
+    return pos or opt or "shapes"
+
+def _check_model_source(name:str):
+    "A UsageError for a model argument that cannot load, before anything is loaded."
+    from md_probe.models import BUILTIN_MODELS
+    if name in BUILTIN_MODELS: return
+    p = Path(name)
+    if p.is_file():
+        if p.suffix != ".safetensors": return                        # load_model says what it takes
+        from safetensors import safe_open
+        try:
+            with safe_open(str(p), "pt") as f: f.metadata()
+        except Exception as e:   # safetensors' own error type, OSError, ...
+            raise UsageError(f"cannot read the checkpoint {p} ({_message(e)}): it is truncated or not a safetensors "
+                             "file; copy it again, or write one with md-probe train-shapes") from None
+    elif p.is_dir():
+        missing = [s + "/" for s in _SD_PARTS if not (p / s).is_dir()]
+        if missing: raise UsageError(f"{p} is a folder but not a Stable Diffusion checkpoint: it has no {', '.join(missing)} "
+                                     f"(a folder written by save_pretrained or huggingface-cli download has {', '.join(s + '/' for s in _SD_PARTS)})")
+    elif p.exists(): raise UsageError(f"{p} is neither a file nor a folder")
+    elif "/" not in name and "\\" not in name:
+        near = difflib.get_close_matches(name.lower(), list(BUILTIN_MODELS), n=1, cutoff=0.6)
+        raise UsageError(f"unknown model {name!r}: not a built-in name ({', '.join(BUILTIN_MODELS)}), no file or folder of "
+                         "that name is here, and a hub id has the form owner/name" + (f"; did you mean {near[0]!r}?" if near else ""))
+    elif name.endswith(".safetensors") or name.startswith((".", "/", "~")): raise UsageError(f"no file or folder {name}")
+
+def _load(name:str, device=None, dtype=None):
+    "`load_model`, with a model that does not load reported in one line."
     from md_probe.models import load_model
-    try: return load_model(args.model, device=args.device, dtype=args.dtype)
-    except (OSError, ValueError, KeyError) as e: raise UsageError(str(e).splitlines()[0]) from None
+    from safetensors import SafetensorError
+    _check_model_source(name)
+    try: return load_model(name, device=device, dtype=dtype)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e: raise UsageError(_message(e)) from None
+
+def _model(args):
+    "The model of a subcommand's `--model`, `--device` and `--dtype`."
+    return _load(_model_name(args), args.device, args.dtype)
+
+def _check_timesteps(model, timesteps, option:str):
+    "A UsageError for a timestep outside the model's scheduler (before its UNet runs)."
+    n = model.num_train_timesteps
+    bad = [t for t in timesteps if not 0 <= t < n]
+    if bad: raise UsageError(f"{option} {bad[0]} is outside the scheduler's range of {model.name}: pass a value "
+                             f"from 0 (clean) to {n - 1}")
+
+def _check_image_size(model, size, option:str="--image-size"):
+    "A UsageError for an image size that is not a multiple of the model's stride (as `prepare_image` requires)."
+    if size is not None and size % model.stride:
+        up = math.ceil(size / model.stride) * model.stride
+        raise UsageError(f"{option} {size} is not a multiple of {model.name}'s stride {model.stride}: pass {up}")
 
 # %% ../nbs/10_cli.ipynb #7de3b71f
+def _class_names(text:str)->list:
+    "The `--classes` list, checked before any work: named, distinct, 2 to 255 of them, no joiner word inside a name."
+    from md_probe.segment import check_classes, MaskDiffusionConfig
+    from md_probe.models import normalize_word
+    names = [c.strip() for c in text.split(",")]
+    wordless = [(i, c) for i, c in enumerate(names) if c and not normalize_word(c)]
+    if wordless:
+        raise UsageError(f"class name {wordless[0][1]!r} (position {wordless[0][0]}) has no letter or digit, and md_probe "
+                         "finds class names by theirs: spell it in words (e.g. 'cat')")
+    try: names = check_classes(names)
+    except ValueError as e: raise UsageError(_message(e)) from None
+    if len(names) < 2:
+        raise UsageError(f"one class ({names[0]!r}) would take every pixel: name at least two (e.g. add ',background'), "
+                         "or use --unsupervised K for unnamed segments")
+    if len(names) > MAX_LABELS:
+        raise UsageError(f"{len(names)} classes, but a label map holds at most {MAX_LABELS} (values 0-{MAX_LABELS - 1}; "
+                         f"{MAX_LABELS} means unlabelled): split them over several runs")
+    joiner = {normalize_word(w) for w in MaskDiffusionConfig.__dataclass_fields__["joiner"].default.split()}
+    joined = [c for c in names if joiner & {normalize_word(w) for w in c.split()}]
+    if joined:
+        raise UsageError(f"class name {joined[0]!r} holds {' '.join(sorted(joiner))!r}, the word that joins class names "
+                         "in the prompt, so it would read as several classes: drop the word (e.g. 'circle square')")
+    return names
+
+def _segment_outputs(images:list, out:Path)->dict:
+    "{input: [labels, overlay, json]} for each input; a UsageError if two inputs would write one file or an output is an input."
+    plan, owner = {}, {}
+    inputs = {Path(p).resolve() for p in images}
+    for p in images:
+        stem = Path(p).stem
+        files = [out / f"{stem}_labels.png", out / f"{stem}_overlay.png", out / f"{stem}.json"]
+        for f in files:
+            key = unicodedata.normalize("NFC", f.name).casefold()   # one file on case-insensitive file systems
+            if key in owner:
+                other = owner[key]
+                if Path(other).resolve() == Path(p).resolve(): raise UsageError(f"{p} is given twice")
+                raise UsageError(f"{other} and {p} would both write {out / f.name} (same name stem {stem!r}): rename "
+                                 "one, or segment them into separate --out folders")
+            owner[key] = p
+            if f.resolve() in inputs: raise UsageError(f"the output {f} would overwrite an input image: pass another --out")
+        plan[p] = files
+    return plan
+
+def _check_segments(config):
+    "A UsageError for more segments than the clustered grid has cells (before the UNet runs)."
+    cells = config.grid ** 2
+    if config.k is not None and config.k >= cells:
+        raise UsageError(f"--unsupervised {config.k}: the features are clustered on a {config.grid} x {config.grid} "
+                         f"grid, so K must be below {cells}")
+
+class _Interrupted(KeyboardInterrupt):
+    "Ctrl-C during a command, with what was complete (`main` prints it and returns 130)."
+
 def cmd_segment(args)->int:
-    from md_probe.segment import MaskDiffusion, UnsupervisedMaskDiffusion, check_classes
-    if args.unsupervised is None and not args.classes:
+    "`md-probe segment`: each image's labels, overlay and summary, written together; every input checked first."
+    from md_probe.segment import MaskDiffusion, UnsupervisedMaskDiffusion, build_prompts
+    named = args.unsupervised is None
+    if named and not args.classes:
         raise UsageError("pass --classes 'a,b,c' (or --unsupervised K for segments without names)")
+    if not named and args.classes is not None:
+        raise UsageError("--classes and --unsupervised exclude each other: name the classes (MaskDiffusion) or ask for "
+                         "K unnamed segments, not both")
+    classes = _class_names(args.classes) if named else None
+    out = Path(args.out)
+    plan = _segment_outputs(args.images, out)
+    _check_free([f for files in plan.values() for f in files])
     images = _read_images(args.images)
-    out = _out_dir(args.out)
-    try: classes = check_classes(args.classes) if args.unsupervised is None else None
-    except ValueError as e: raise UsageError(str(e)) from None
-    model = _model(args)
-    seg = (MaskDiffusion(model, timestep=args.timestep) if classes else
-           UnsupervisedMaskDiffusion(model, k=args.unsupervised or None, timestep=args.timestep))
-    for path, img in zip(progress(args.images, desc="segment", unit="image", disable=args.quiet), images):
-        s = seg(img, classes) if classes else seg(img)
-        stem = Path(path).stem
-        s.to_png(out / f"{stem}_labels.png"); s.overlay(out / f"{stem}_overlay.png")
-        info = dict(image=str(path), model=model.name, classes=s.classes, shares=s.shares(),
-                    method="maskdiffusion" if classes else "unsupervised", timestep=seg.config.timestep)
-        write_text_atomic(out / f"{stem}.json", json.dumps(info, indent=2))
-    if not args.quiet: print(f"wrote {3 * len(images)} files to {out}")
+    made, done, written = [], 0, 0
+    with _tidy_on_error(made):
+        _out_dir(out, made)
+        model = _model(args)
+        opts = dict(timestep=args.timestep, image_size=args.image_size)
+        try:
+            if named:
+                seg = MaskDiffusion(model, **opts)
+                build_prompts(model.tokenizer, classes, model.max_length, seg.config.joiner, seg.config.template)  # fits the window?
+            else:
+                seg = UnsupervisedMaskDiffusion(model, k=None if args.unsupervised == "eigengap" else args.unsupervised, **opts)
+        except (KeyError, ValueError) as e: raise UsageError(_message(e)) from None
+        _check_timesteps(model, [seg.config.timestep], "--timestep")
+        _check_image_size(model, seg.config.image_size)
+        if not named: _check_segments(seg.config)
+        try:
+            for path, img in zip(progress(args.images, desc="segment", unit="image", disable=args.quiet), images):
+                s = seg(img, classes) if named else seg(img)
+                info = dict(image=str(path), model=model.name, classes=s.classes, shares=s.shares(),
+                            method="maskdiffusion" if named else "unsupervised", timestep=seg.config.timestep)
+                with write_together(plan[path]) as (labels, overlay, summary):
+                    s.to_png(labels); s.overlay(overlay); Path(summary).write_text(json.dumps(info, indent=2))
+                done, written = done + 1, written + len(plan[path])
+        except KeyboardInterrupt:
+            raise _Interrupted(f"{done} of {len(images)} images done, {written} files in {out} (each image's complete); "
+                               "the rest not written") from None
+    if not args.quiet: print(f"wrote {written} files ({done} image{'s' * (done != 1)}) to {out}")
     return 0
 
 # %% ../nbs/10_cli.ipynb #54518051
 def cmd_layers(args)->int:
+    "`md-probe layers`: every hookable layer with its kind, channels and resolution."
     from md_probe.probe import list_layers
-    print(list_layers(_model(args), args.image_size, args.pattern))
+    model = _model(args)
+    _check_image_size(model, args.image_size)
+    table = list_layers(model, args.image_size, args.pattern)
+    if args.pattern is not None and not table:
+        near = difflib.get_close_matches(args.pattern, [l.name for l in list_layers(model)], n=5, cutoff=0.5)
+        raise UsageError(f"no layer of {model.name} matches --pattern {args.pattern!r}; nearest names: {near} (globs such "
+                         f"as 'up_blocks.*.resnets.*' work; md-probe layers {_model_name(args)} lists every name)")
+    print(table)
     return 0
 
-def cmd_probe(args)->int:
-    from md_probe.probe import probe
-    img = _read_images([args.image])[0]
-    out = Path(args.out)
-    _out_dir(out.parent if str(out.parent) else ".")
-    if args.heatmaps: _out_dir(args.heatmaps)
-    model = _model(args)
-    try:
-        cache = probe(model, img, prompt=args.prompt, timesteps=args.timesteps, layers=args.layers,
-                      cross_attention=args.cross_attention or bool(args.heatmaps), read=args.read)
-    except (KeyError, ValueError) as e: raise UsageError(str(e).strip("'\"")) from None
-    path = cache.save(out)
-    if args.heatmaps: save_word_heatmaps(cache, args.heatmaps)
-    if not args.quiet: print(cache); print(f"wrote {path}")
-    return 0
+def _cache_path(out)->Path:
+    "The file `ProbeCache.save(out)` writes: `out` with the suffix .safetensors added if it has another."
+    p = Path(out)
+    return p if p.suffix == ".safetensors" else p.with_name(p.name + ".safetensors")
+
+def heatmap_file_names(words)->dict:
+    "{normalised word: file name} of the heat maps of `words`: each distinct word once, safe (`safe_file_name`) and unique."
+    from md_probe.models import normalize_word
+    names, used = {}, set()
+    for w in dict.fromkeys(normalize_word(x) for x in words):
+        if not w: continue
+        stem, i = safe_file_name(w), 1
+        while (stem if i == 1 else f"{stem}-{i}").casefold() in used: i += 1
+        name = stem if i == 1 else f"{stem}-{i}"
+        used.add(name.casefold()); names[w] = name + ".png"
+    return names
 
 def save_word_heatmaps(cache, folder)->list:
-    "One PNG per prompt word: its cross-attention map (all layers and timesteps) over the image."
+    "One PNG per prompt word: its cross-attention map (all layers and timesteps) over the image; all written, or none."
     from PIL import Image
-    from md_probe.models import normalize_word
     from md_probe import viz
-    folder, paths = Path(folder), []
-    img = cache.images[0]
-    for w in dict.fromkeys(normalize_word(x) for x in cache.words):
-        if not w: continue
-        m = cache.word_attention(w).numpy()
-        rgb = viz.heatmap_rgb(img, m)
-        p = folder / f"{w}.png"
-        Image.fromarray(rgb).save(p); paths.append(p)
+    folder, img = Path(folder), cache.images[0]
+    maps = {n: viz.heatmap_rgb(img, cache.word_attention(w).numpy()) for w, n in heatmap_file_names(cache.words).items()}
+    paths = [folder / n for n in maps]
+    with write_together(paths) as tmps:
+        for t, rgb in zip(tmps, maps.values()): Image.fromarray(rgb).save(t, format="PNG")
     return paths
+
+def cmd_probe(args)->int:
+    "`md-probe probe`: one UNet call on an image, saved as a ProbeCache (and word heat maps)."
+    from md_probe.probe import probe
+    out = _cache_path(args.out)
+    outputs = [out, out.with_suffix(".json")]
+    if args.heatmaps:
+        words = heatmap_file_names(args.prompt.split())
+        if not words: raise UsageError(f"--heatmaps draws the prompt's words, but the prompt {args.prompt!r} has none: pass --prompt 'a circle and a square'")
+        outputs += [Path(args.heatmaps) / n for n in words.values()]
+    _check_free(outputs)
+    img = _read_images([args.image])[0]
+    made = []
+    with _tidy_on_error(made):
+        _out_dir(out.parent, made)
+        if args.heatmaps: _out_dir(args.heatmaps, made)
+        model = _model(args)
+        _check_timesteps(model, args.timesteps, "--timesteps"); _check_image_size(model, args.image_size)
+        try:
+            cache = probe(model, img, prompt=args.prompt, timesteps=args.timesteps, layers=args.layers,
+                          cross_attention=args.cross_attention or bool(args.heatmaps), read=args.read, image_size=args.image_size)
+        except (KeyError, ValueError) as e: raise UsageError(_message(e)) from None
+        path = cache.save(out)
+        try: maps = save_word_heatmaps(cache, args.heatmaps) if args.heatmaps else []
+        except BaseException:
+            for p in (path, path.with_suffix(".json")): p.unlink(missing_ok=True)
+            raise
+    if not args.quiet: print(cache); print(f"wrote {path}" + (f" and {len(maps)} heat maps to {args.heatmaps}" if maps else ""))
+    return 0
 
 # %% ../nbs/10_cli.ipynb #2ef6714e
 def cmd_train_shapes(args)->int:
+    "`md-probe train-shapes`: train (or resume) the shapes model in `--out`."
     from md_probe.shapes import train_shapes
-    _out_dir(args.out)
-    path = train_shapes(args.out, steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
-                        grounding=args.grounding, progress=not args.quiet)
+    made = []
+    with _tidy_on_error(made):
+        _out_dir(args.out, made)
+        try: path = train_shapes(args.out, steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
+                                 grounding=args.grounding, progress=not args.quiet)
+        except ValueError as e: raise UsageError(_message(e)) from None   # settings refused, or a folder of another run
     print(f"wrote {path}")
     return 0
 
 def cmd_shapes_report(args)->int:
+    "`md-probe shapes-report`: the shapes model's held-out table."
     shapes_report(n=args.n, seed=args.seed)
     return 0
 
 # %% ../nbs/10_cli.ipynb #07f144b9
 def _k_arg(v:str):
-    "--k: an int, 'present', or 'eigengap' (None)."
+    "--k as `evaluate` takes it: an int, 'present', or None for 'eigengap' (checked by `k_arg` as it was parsed)."
     if v in ("present", "eigengap", "none"): return None if v in ("eigengap", "none") else v
     try: return int(v)
     except ValueError: raise ValueError(f"--k {v!r}: use an int, 'present' or 'eigengap'.") from None
@@ -140,20 +479,21 @@ def add_eval_args(parser:argparse.ArgumentParser, # a parser (or sub-parser)
     a("--method", default="maskdiffusion", help=f"method: {', '.join(EVAL_METHODS)} (default: maskdiffusion)")
     a("--model", default=None, help=f"model name, folder or hub id (default: shapes for --dataset shapes, else {DEFAULT_SD})")
     a("--protocol", default=None, choices=PROTOCOLS, help="default: supervised for named methods, per_image for segments")
-    a("--limit", type=int, default=None, help="score only the first N images")
+    a("--limit", type=positive_int, default=None, help="score only the first N images (N >= 1)")
     a("--out", default=None, help="run folder: resumable records, result.json, result.md (default: eval-runs/DATASET-METHOD-MODEL)")
-    a("--batch-size", type=int, default=8, help="images per UNet call (default: 8)")
-    a("--num-workers", type=int, default=None, help="DataLoader workers (default: 0 on CPU, up to 8 on GPU)")
-    a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the process's GPU if any, else cpu)")
-    a("--dtype", default="auto", help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
+    a("--batch-size", type=positive_int, default=8, help="images per UNet call (default: 8)")
+    a("--num-workers", type=nonnegative_int, default=None, help="DataLoader workers (default: 0 on CPU, up to 8 on GPU)")
+    a("--device", type=device_arg, default=None, help="cpu, cuda, cuda:1 ... (default: the process's GPU if any, else cpu)")
+    a("--dtype", type=dtype_or_auto, default="auto", help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
     a("--transform", default="protocol", help="protocol (the published preprocessing, e.g. 512 centre crops), keep, resize_crop")
     a("--prompt-classes", default=None, choices=("all", "present"),
       help="named methods: prompt with every class name, or the gt's (default: present for shapes, as Scene.prompt(); else all)")
-    a("--k", "--segments", dest="k", default=None,
+    a("--k", "--segments", dest="k", type=k_arg, default=None,
       help="unsupervised: k (int), 'present' or 'eigengap' (default); kmeans: k or 'present' (default)")
-    a("--tau", type=float, default=None, help=f"diffseg: KL threshold (default 1.1, shapes {DIFFSEG_SHAPES_TAU}; published 0.9 for Cityscapes)")
-    a("--n", type=int, default=None, help="shapes: number of scenes (default 200)")
-    a("--seed", type=int, default=None, help="the method's seed (noise, clustering)")
+    a("--tau", type=finite_positive_float, default=None,
+      help=f"diffseg: KL threshold (default 1.1, shapes {DIFFSEG_SHAPES_TAU}; published 0.9 for Cityscapes)")
+    a("--n", type=positive_int, default=None, help="shapes only: number of scenes (default 200)")
+    a("--seed", type=seed_int, default=None, help="the method's seed (noise, clustering)")
     a("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -166,34 +506,42 @@ def _device_dtype(device, dtype, state):
         dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
     return device, resolve_dtype(dtype)
 
+_RUNNER_FLAGS = {"prompt_classes": "--prompt-classes", "k": "--k", "tau": "--tau"}
+
 def _method_options(name:str, args, dataset:str)->dict:
-    "The command-line options that apply to method `name` on `dataset`."
+    "The command-line options of method `name` on `dataset`; a ValueError for one given that the method does not take."
     key, opts = method_key(name), {}
+    takes = EVAL_METHODS[key].options
+    for opt, flag in _RUNNER_FLAGS.items():
+        if getattr(args, opt, None) is not None and opt not in takes:
+            raise ValueError(f"{flag} does not apply to --method {key}" + (f" (its options: {', '.join(_RUNNER_FLAGS[o] for o in takes)})" if takes else ""))
     if EVAL_METHODS[key].named: opts["prompt_classes"] = args.prompt_classes or ("present" if dataset == "shapes" else "all")
     if key == "diffseg" and dataset == "shapes": opts["tau"] = DIFFSEG_SHAPES_TAU
-    if args.k is not None and key in ("unsupervised", "kmeans"): opts["k"] = _k_arg(args.k)
-    if args.tau is not None and key == "diffseg": opts["tau"] = args.tau
+    if args.k is not None: opts["k"] = _k_arg(args.k)
+    if args.tau is not None: opts["tau"] = args.tau
     if args.seed is not None: opts["seed"] = args.seed
     return opts
 
 def _usage_errors()->tuple:
-    "What a mistake in the input raises (no data set, an unknown method or option, a model that does not load)."
+    "What a mistake in the input raises (no data set, an unknown method or option, a folder of another run)."
     from md_probe.data import DatasetNotFoundError
     return (DatasetNotFoundError, OSError, ValueError, KeyError)
 
 def cmd_eval(args)->int:
     "`md-probe eval`: score one method on one data set, print the table, write result.json / result.md."
     from md_probe.data import load_dataset, canonical_name
-    from md_probe.models import load_model
     state = process_state(cpu=args.device == "cpu")
     try:
         name = canonical_name(args.dataset)
+        if args.n is not None and name != "shapes":
+            raise ValueError(f"--n is the number of shapes scenes: it does not apply to --dataset {name} (--limit N scores the first N images)")
         opts = _method_options(args.method, args, name)          # a bad method or option fails before any loading
         device, dtype = _device_dtype(args.device, args.dtype, state)
         model_name = args.model or ("shapes" if name == "shapes" else DEFAULT_SD)
-        kw = dict(n=args.n) if name == "shapes" and args.n else {}
+        _check_model_source(model_name)
+        kw = dict(n=args.n) if args.n is not None else {}
         ds = load_dataset(name, args.root, args.split, transform=None if args.transform == "keep" else args.transform, **kw)
-        model = load_model(model_name, device=device, dtype=dtype)
+        model = _load(model_name, device, dtype)
         method = make_method(args.method, model, **opts)
         out = args.out or Path("eval-runs") / f"{name}-{method.name}-{Path(str(model_name)).name}"
         res = evaluate(method, ds, args.protocol, args.batch_size, out, args.limit, args.num_workers,
@@ -209,28 +557,34 @@ def add_reproduce_args(parser:argparse.ArgumentParser, # a parser (or sub-parser
     a = parser.add_argument
     a("--root", default=None, help="data root with cocostuff/, cityscapes/, potsdam/ (default: $MD_PROBE_DATA; none: the shapes data set)")
     a("--model", default=None, help=f"model (default: {DEFAULT_SD}; the shapes model without a data root)")
-    a("--datasets", default=",".join(REPRODUCE_DATASETS), help=f"comma-separated data sets (default: {', '.join(REPRODUCE_DATASETS)})")
-    a("--methods", default=",".join(REPRODUCE_METHODS), help="comma-separated methods (default: the paper's four)")
-    a("--limit", type=int, default=None, help="score only the first N images of each data set")
+    a("--datasets", type=names_arg, default=None, help=f"comma-separated data sets, with a data root (default: {','.join(REPRODUCE_DATASETS)})")
+    a("--methods", type=names_arg, default=",".join(REPRODUCE_METHODS), help="comma-separated methods (default: the paper's four)")
+    a("--limit", type=positive_int, default=None, help="score only the first N images of each data set (N >= 1)")
     a("--out", default="reproduce-runs", help="folder of the per-row resumable runs and table.md (default: reproduce-runs)")
-    a("--batch-size", type=int, default=8); a("--num-workers", type=int, default=None)
-    a("--device", default=None); a("--dtype", default="fp32", help="fp32 (default: both published pipelines ran in fp32), bf16, fp16, auto")
-    a("--n", type=int, default=None, help="shapes fallback: number of scenes (default 200)")
+    a("--batch-size", type=positive_int, default=8); a("--num-workers", type=nonnegative_int, default=None)
+    a("--device", type=device_arg, default=None); a("--dtype", type=dtype_or_auto, default="fp32", help="fp32 (default: both published pipelines ran in fp32), bf16, fp16, auto")
+    a("--n", type=positive_int, default=None, help="without a data root: number of shapes scenes (default 200)")
     a("--no-progress", action="store_true")
     return parser
 
 def cmd_reproduce(args)->int:
     "`md-probe reproduce`: the paper's table on the user's data sets and weights (the shapes data set without data)."
-    from md_probe.models import load_model
+    from md_probe.data import canonical_name
     state = process_state(cpu=args.device == "cpu")
     toy = args.root is None and not os.environ.get("MD_PROBE_DATA")
     try:
-        methods = [method_key(m) for m in args.methods.split(",") if m]
-        datasets = ["shapes"] if toy else [d for d in args.datasets.split(",") if d]
+        if toy and args.datasets is not None:
+            raise ValueError("--datasets needs a data root (--root or $MD_PROBE_DATA); without one reproduce runs on the shapes data set")
+        if not toy and args.n is not None: raise ValueError("--n is the number of shapes scenes, used only without a data root")
+        methods = [method_key(m.strip()) for m in args.methods.split(",")]
+        datasets = ["shapes"] if toy else [canonical_name(d.strip()) for d in (args.datasets or ",".join(REPRODUCE_DATASETS)).split(",")]
+        for what, names in (("--methods", methods), ("--datasets", datasets)):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup: raise ValueError(f"{what} names {dup} more than once (under its aliases)")
         device, dtype = _device_dtype(args.device, args.dtype, state)
-        model = load_model(args.model or ("shapes" if toy else DEFAULT_SD), device=device, dtype=dtype)
+        model = _load(args.model or ("shapes" if toy else DEFAULT_SD), device, dtype)
         rows = reproduce_rows(datasets, methods, model, args.root, args.out, args.batch_size, args.limit, args.num_workers,
-                              not args.no_progress, state, dict(n=args.n) if toy and args.n else None)
+                              not args.no_progress, state, dict(n=args.n) if args.n is not None else None)
     except _usage_errors() as e: raise UsageError(str(e)) from None
     if not state.is_main_process: return 0
     text = reproduce_table(rows)
@@ -244,33 +598,42 @@ def cmd_reproduce(args)->int:
 
 # %% ../nbs/10_cli.ipynb #59ec68ba
 def _common(p):
-    p.add_argument("--model", default="shapes", help="hub id, checkpoint folder, or offline name (shapes, shapes-random, tiny, sd15-random)")
-    p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
-    p.add_argument("--dtype", default=None, help="fp32 (default), fp16, bf16")
+    p.add_argument("--model", default=None, help="hub id, checkpoint folder, shapes .safetensors file, or offline name "
+                                                 "(default: shapes; shapes-random, tiny, sd15-random)")
+    p.add_argument("--device", type=device_arg, default=None, help="cpu (default), cuda, cuda:1, mps, ... (one this machine has)")
+    p.add_argument("--dtype", type=dtype_arg, default=None, help="fp32 (default), fp16, bf16")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
 def build_parser()->argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="md-probe", description="Probe diffusion UNets and segment images with MaskDiffusion.")
+    "The `md-probe` parser: a mistake in the arguments raises `UsageError`."
+    p = _Parser(prog="md-probe", description="Probe diffusion UNets and segment images with MaskDiffusion.")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("segment", help="segment images (MaskDiffusion, or unsupervised)")
-    s.add_argument("images", nargs="+"); s.add_argument("--classes", help="comma-separated class names")
-    s.add_argument("--out", default="outputs"); s.add_argument("--unsupervised", type=int, metavar="K")
-    s.add_argument("--timestep", type=int, default=None); _common(s); s.set_defaults(func=cmd_segment)
+    s.add_argument("images", nargs="+"); s.add_argument("--classes", help="comma-separated class names (2 to 255)")
+    s.add_argument("--out", default="outputs")
+    s.add_argument("--unsupervised", type=segments_arg, metavar="K", help="K unnamed segments (1 to 255), or eigengap")
+    s.add_argument("--timestep", type=nonnegative_int, default=None, help="the noise timestep (default: the model's)")
+    s.add_argument("--image-size", "--size", dest="image_size", type=positive_int, default=None,
+                   help="input size in pixels, a multiple of the model's stride (default: the model's)")
+    _common(s); s.set_defaults(func=cmd_segment)
     s = sub.add_parser("layers", help="list a model's layers"); s.add_argument("model_arg", nargs="?", metavar="MODEL")
-    s.add_argument("--image-size", "--size", dest="image_size", type=int); s.add_argument("--pattern"); _common(s); s.set_defaults(func=cmd_layers)
+    s.add_argument("--image-size", "--size", dest="image_size", type=positive_int, help="a multiple of the model's stride")
+    s.add_argument("--pattern"); _common(s); s.set_defaults(func=cmd_layers)
     s = sub.add_parser("probe", help="probe an image, save the cache (safetensors)")
     s.add_argument("image"); s.add_argument("--prompt", default=""); s.add_argument("--layers", nargs="*", default=[])
-    s.add_argument("--timesteps", nargs="+", type=int, default=[0]); s.add_argument("--cross-attention", action="store_true")
-    s.add_argument("--read", "--capture", dest="read", default="output", help="read the output or the input of --layers"); s.add_argument("--out", default="probe.safetensors")
+    s.add_argument("--timesteps", nargs="+", type=nonnegative_int, default=[0]); s.add_argument("--cross-attention", action="store_true")
+    s.add_argument("--read", "--capture", dest="read", default="output", choices=("output", "input"),
+                   help="read the output or the input of --layers"); s.add_argument("--out", default="probe.safetensors")
+    s.add_argument("--image-size", "--size", dest="image_size", type=positive_int, default=None, help="input size (default: the model's)")
     s.add_argument("--heatmaps", metavar="DIR", help="also write each word's heat map as a PNG"); _common(s)
     s.set_defaults(func=cmd_probe)
     s = sub.add_parser("train-shapes", help="train the shapes model (resumable)")
-    s.add_argument("--out", required=True); s.add_argument("--steps", type=int, default=1000)
-    s.add_argument("--seed", type=int, default=0); s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--lr", type=float, default=1e-3); s.add_argument("--grounding", type=float, default=0.1)
+    s.add_argument("--out", required=True); s.add_argument("--steps", type=positive_int, default=1000)
+    s.add_argument("--seed", type=seed_int, default=0); s.add_argument("--batch-size", type=positive_int, default=32)
+    s.add_argument("--lr", type=finite_positive_float, default=1e-3); s.add_argument("--grounding", type=finite_nonnegative_float, default=0.1)
     s.add_argument("--quiet", action="store_true"); s.set_defaults(func=cmd_train_shapes)
     s = sub.add_parser("shapes-report", help="the shapes model's held-out mIoU table")
-    s.add_argument("--n", type=int, default=200); s.add_argument("--seed", type=int, default=12345)
+    s.add_argument("--n", type=positive_int, default=200); s.add_argument("--seed", type=seed_int, default=12345)
     s.set_defaults(func=cmd_shapes_report)
     s = sub.add_parser("eval", help="score a method on a data set (resumable; several GPUs under accelerate launch)")
     add_eval_args(s).set_defaults(func=cmd_eval)
@@ -279,13 +642,17 @@ def build_parser()->argparse.ArgumentParser:
     return p
 
 def main(argv=None)->int:
-    "Entry point of `md-probe`."
-    args = build_parser().parse_args(argv)
-    if getattr(args, "model_arg", None): args.model = args.model_arg
-    try: return args.func(args) or 0
+    "Entry point of `md-probe`: 0 when done, 2 (one line on stderr) for a mistake in the input, 130 on Ctrl-C."
+    args = None
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args) or 0
     except UsageError as e:
-        print(f"md-probe {args.command}: error: {e}", file=sys.stderr)
+        print(f"{e.prog or 'md-probe ' + args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        print(f"md-probe{' ' + args.command if args else ''}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
+        return 130
 
 # %% ../nbs/10_cli.ipynb #34de0bb1
 if __name__ == "__main__" and not in_ipython(): sys.exit(main())  # `python -m md_probe.cli ...`; a notebook runs this cell too

@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_evaluate.ipynb #f5e5dd81
 from __future__ import annotations
-import os, json, math, time, functools, dataclasses
+import os, json, math, time, warnings, functools, dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -282,6 +282,36 @@ def _from_record(rec:dict)->np.ndarray:
     for g, p, n in rec["conf"]: conf[g, p] = n
     return conf
 
+def _record_problem(rec, num_classes:int|None)->str|None:
+    "What is wrong with a parsed record line (None: a well-formed record)."
+    if not isinstance(rec, dict): return f"not a record but {type(rec).__name__} {json.dumps(rec)[:40]}"
+    missing = [k for k in ("i", "name", "shape", "conf") if k not in rec]
+    if missing: return f"no {', '.join(map(repr, missing))}"
+    i, shape, conf = rec["i"], rec["shape"], rec["conf"]
+    if not isinstance(i, int) or isinstance(i, bool) or i < 0: return f"index {i!r} is not an integer >= 0"
+    if not isinstance(rec["name"], str): return f"name {rec['name']!r} is not a string"
+    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)):
+        return f"confusion shape {shape!r} is not two positive integers"
+    if num_classes is not None and (shape[0] != num_classes or shape[1] < num_classes):
+        return f"confusion shape {shape} does not fit {num_classes} classes"
+    a = np.asarray(conf) if isinstance(conf, list) else None
+    if a is None or not (a.size == 0 or (a.ndim == 2 and a.shape[1] == 3 and a.dtype.kind in "iu")):
+        return "counts are not [true, predicted, pixels] integer triples"
+    if a.size and ((a < 0).any() or (a[:, 0] >= shape[0]).any() or (a[:, 1] >= shape[1]).any()):
+        return f"counts outside the {shape[0]} x {shape[1]} confusion or negative"
+    return None
+
+def _parse_record(raw:bytes, num_classes:int|None=None)->tuple:
+    "(record, None) for a good line, (None, problem) for a bad one, (None, None) for a line cut by a kill (expected)."
+    try: text = raw.decode()
+    except UnicodeDecodeError: return None, "not UTF-8 text"
+    try: rec = json.loads(text)
+    except json.JSONDecodeError as e:
+        cut = text.startswith('{"i": ') and (e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated"))
+        return None, None if cut else f"not JSON ({e.msg})"
+    problem = _record_problem(rec, num_classes)
+    return (None, problem) if problem else (rec, None)
+
 class RecordLog:
     "The per-image confusion records of a run in `out/`, appended as it goes and read back on resume."
     def __init__(self, out, # the run's folder (created)
@@ -290,14 +320,19 @@ class RecordLog:
         self.out = Path(out); self.out.mkdir(parents=True, exist_ok=True)
         self.path = self.out / f"records-{rank}.jsonl"
 
-    def read(self)->dict:
-        "index -> record of every complete line of every process's file (a line cut by a crash is skipped)."
-        done = {}
+    def read(self, num_classes:int|None=None, # the data set's classes: a record's confusion must have this many rows
+            )->dict:
+        "index -> record of every well-formed line of every process's file; bad lines are skipped (see below)."
+        done, bad = {}, []
         for f in sorted(self.out.glob("records-*.jsonl")):
-            for line in f.read_text().splitlines():
-                try: rec = json.loads(line)
-                except json.JSONDecodeError: continue
-                done[rec["i"]] = rec
+            for n, raw in enumerate(f.read_bytes().split(b"\n"), 1):
+                if not raw.strip(): continue
+                rec, problem = _parse_record(raw, num_classes)
+                if rec is not None: done[rec["i"]] = rec
+                elif problem: bad.append(f"{f.name} line {n}: {problem}")
+        if bad:
+            warnings.warn(f"{self.out}: skipped {len(bad)} damaged record line{'s' * (len(bad) > 1)}, whose images are scored "
+                          f"again: {'; '.join(bad[:5])}{'; ...' if len(bad) > 5 else ''}", stacklevel=2)
         return done
 
     def append(self, records:list):
@@ -316,7 +351,12 @@ class RecordLog:
         p = self.out / "run.json"
         if not p.exists():
             write_text_atomic(p, json.dumps(config, indent=1)); return
-        old = json.loads(p.read_text())
+        try: old = json.loads(p.read_text())
+        except ValueError as e: old = e                   # cut, not UTF-8, not JSON
+        if not isinstance(old, dict):
+            why = f"{type(old).__name__}: {old}" if isinstance(old, Exception) else f"it holds a {type(old).__name__}, not the settings"
+            raise ValueError(f"cannot read {p} ({why}): it records the settings of the run in {self.out}; delete the folder "
+                             "(or that file) to start again, or pass another out= / --out.")
         diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
         if diff: raise ValueError(f"{self.out} holds a run with other settings {diff} (was, now): pass another out= / --out, "
                                   "or delete the folder to start again.")
@@ -517,7 +557,7 @@ def _resume(out, state, dataset, method, n:int)->tuple:
     if state.is_main_process: log.check_config(config)      # writes run.json, or checks the one there
     state.wait_for_everyone()
     if not state.is_main_process: log.check_config(config)
-    done = {i: r for i, r in log.read().items() if i < n}
+    done = {i: r for i, r in log.read(dataset.num_classes).items() if i < n}
     state.wait_for_everyone()                              # every process read the same records before any appends
     for i, r in done.items():
         if r["name"] != dataset.names[i]:

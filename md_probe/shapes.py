@@ -13,12 +13,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from .models import DiffusionModel, clip_bpe_tokenizer, tokenize_prompt
 from .probe import AttentionRecorder
+from .utils import write_text_atomic
 
 # %% auto #0
-__all__ = ['SHAPE_CLASSES', 'COLORS', 'SHAPES_WORDS', 'SHAPES_MAX_LENGTH', 'SHAPES_UNET', 'Scene', 'make_scene', 'make_scenes',
-           'shapes_tokenizer', 'LocalTextEncoder', 'build_shapes_model', 'save_shapes', 'read_record', 'load_shapes',
-           'shapes_model', 'shapes_generative_model', 'shapes_random_model', 'training_prompt', 'grounding_loss',
-           'train_shapes']
+__all__ = ['SHAPE_CLASSES', 'COLORS', 'SHAPES_WORDS', 'SHAPES_MAX_LENGTH', 'SHAPES_UNET', 'TRAINING_SETTINGS', 'Scene',
+           'make_scene', 'make_scenes', 'shapes_tokenizer', 'LocalTextEncoder', 'build_shapes_model', 'save_shapes',
+           'read_record', 'load_shapes', 'shapes_model', 'shapes_generative_model', 'shapes_random_model',
+           'training_prompt', 'grounding_loss', 'train_shapes']
 
 # %% ../nbs/02_shapes.ipynb #21b89893
 SHAPE_CLASSES = ("background", "circle", "square", "triangle", "cross")
@@ -242,6 +243,54 @@ def _lr(step, steps, warmup, lr):
     if step < warmup: return lr * (step + 1) / warmup
     return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
+def _is_int(v)->bool: return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+def _check_training_args(steps, seed, batch_size, lr, grounding, max_grounding_t, warmup, ckpt_every, threads):
+    "A ValueError naming the first argument of `train_shapes` out of its range (nothing is written before)."
+    finite = lambda v: isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
+    checks = [("steps", steps, _is_int(steps) and steps >= 1, "an integer >= 1"),
+              ("seed", seed, _is_int(seed) and 0 <= seed < 2**32, "an integer in [0, 2**32 - 1]"),
+              ("batch_size", batch_size, _is_int(batch_size) and batch_size >= 1, "an integer >= 1"),
+              ("lr", lr, finite(lr) and lr > 0, "a finite number > 0"),
+              ("grounding", grounding, finite(grounding) and grounding >= 0, "a finite number >= 0"),
+              ("max_grounding_t", max_grounding_t, _is_int(max_grounding_t) and 0 <= max_grounding_t <= 1000, "an integer in [0, 1000]"),
+              ("warmup", warmup, _is_int(warmup) and warmup >= 0, "an integer >= 0"),
+              ("ckpt_every", ckpt_every, _is_int(ckpt_every) and ckpt_every >= 1, "an integer >= 1"),
+              ("threads", threads, threads is None or (_is_int(threads) and threads >= 1), "None or an integer >= 1")]
+    for name, v, ok, what in checks:
+        if not ok: raise ValueError(f"{name}={v!r}: pass {what}.")
+
+TRAINING_SETTINGS = ("steps", "seed", "batch_size", "lr", "grounding", "max_grounding_t", "warmup")  # what a resume must share
+
+def _resume_state(path:Path, settings:dict)->dict|None:
+    "The checkpoint at `path` if there is one made with `settings`; None if there is none; a ValueError otherwise."
+    if not path.exists(): return None
+    try: ck = torch.load(path, weights_only=True)
+    except Exception as e:   # a cut or foreign file: pickle, zip and torch each raise their own
+        raise ValueError(f"cannot read the training checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}): "
+                         f"delete it to start the run again") from None
+    old = ck.get("settings") if isinstance(ck, dict) else None
+    if not isinstance(old, dict):
+        raise ValueError(f"{path} records no training settings (an older md_probe wrote it), so a resume could mix two "
+                         f"recipes: delete it to start again")
+    diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+    if diff:
+        raise ValueError(f"{path.parent} holds a training run with other settings {diff} (was, now): resume it with its "
+                         f"settings, pass another out / --out, or delete {path.name} to start again")
+    return ck
+
+_LOSS_HEADER = "step,loss,mse,grounding,lr\n"
+
+def _loss_log(path:Path, start:int):
+    "loss.csv opened for appending, holding the rows of steps before `start` only (a resumed run writes the rest again)."
+    rows = []
+    if start and path.exists():
+        for line in path.read_text().splitlines()[1:]:
+            step = line.split(",", 1)[0]
+            if step.isdigit() and int(step) < start: rows.append(line + "\n")
+    write_text_atomic(path, _LOSS_HEADER + "".join(rows))
+    return open(path, "a")
+
 def train_shapes(out, # output folder: state.pt (resumable), loss.csv, shapes.safetensors
                  steps:int=1000, # optimisation steps
                  seed:int=0, # seeds the initial weights, the scenes, the timesteps and the noise
@@ -254,17 +303,21 @@ def train_shapes(out, # output folder: state.pt (resumable), loss.csv, shapes.sa
                  threads:int|None=1, # torch threads (results are bit-reproducible at a fixed count)
                  progress:bool=True,
                 )->Path:
-    "Train the shapes model (resuming from `out/state.pt` if present); returns the checkpoint path."
+    "Train the shapes model (resuming from `out/state.pt` if present, made with the same settings); returns the checkpoint path."
     from tqdm.auto import tqdm
+    _check_training_args(steps, seed, batch_size, lr, grounding, max_grounding_t, warmup, ckpt_every, threads)
+    settings = dict(steps=int(steps), seed=int(seed), batch_size=int(batch_size), lr=float(lr), grounding=float(grounding),
+                    max_grounding_t=int(max_grounding_t), warmup=int(warmup))
+    out, start = Path(out), 0
+    state = out / "state.pt"
+    ck = _resume_state(state, settings)                  # before anything is written: a refused folder stays as it was
     if threads: torch.set_num_threads(threads)
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     model = build_shapes_model(seed)
     unet, text = model.unet.train(), model.text_encoder.train()
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    start, state = 0, out / "state.pt"
-    if state.exists():
-        ck = torch.load(state, weights_only=False)
+    if ck is not None:
         unet.load_state_dict(ck["unet"]); text.load_state_dict(ck["text"]); opt.load_state_dict(ck["opt"])
         start = ck["step"]
     probs, original = [], dict(unet.attn_processors)
@@ -273,8 +326,7 @@ def train_shapes(out, # output folder: state.pt (resumable), loss.csv, shapes.sa
                                  if ".attn2." in n else proc for n, proc in unet.attn_processors.items()})
     sched, tok = model.scheduler, model.tokenizer
     abar = sched.alphas_cumprod
-    log = open(out / "loss.csv", "a")
-    if start == 0: log.write("step,loss,mse,grounding,lr\n")
+    log = _loss_log(out / "loss.csv", start)
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="train-shapes", disable=not progress)
     for step in bar:
         rng = np.random.default_rng([seed, 7, step])
@@ -299,8 +351,8 @@ def train_shapes(out, # output folder: state.pt (resumable), loss.csv, shapes.sa
         bar.set_postfix(mse=f"{mse.item():.4f}", ground=f"{gl.item():.3f}")
         if (step + 1) % ckpt_every == 0 or step + 1 == steps:
             log.flush()
-            torch.save({"unet": unet.state_dict(), "text": text.state_dict(), "opt": opt.state_dict(), "step": step + 1},
-                       out / "state.pt.tmp")
+            torch.save({"unet": unet.state_dict(), "text": text.state_dict(), "opt": opt.state_dict(), "step": step + 1,
+                        "settings": settings}, out / "state.pt.tmp")
             os.replace(out / "state.pt.tmp", state)
     log.close()
     unet.set_attn_processor(original)
