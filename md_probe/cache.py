@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from fastcore.basics import patch
 from .models import PromptEncoding, normalize_word
-from .utils import atomic_write, write_text_atomic
+from .utils import atomic_write
 
 # %% auto #0
 __all__ = ['AGGREGATIONS', 'CACHE_FORMAT', 'ProbeCache']
@@ -326,9 +326,13 @@ def save(self:ProbeCache, path)->Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"{g}.{i}": v.detach().cpu().contiguous().clone() for g in _GROUPS for i, v in enumerate(getattr(self, g).values())}
     tensors |= {f"image.{i}": torch.from_numpy(np.ascontiguousarray(im)) for i, im in enumerate(self.images)}
-    meta = json.dumps(self._meta())
-    write_text_atomic(path.with_suffix(".json"), meta)
-    with atomic_write(path) as tmp: save_file(tensors, str(tmp), metadata={"md_probe.ProbeCache": meta})
+    meta, side = json.dumps(self._meta()), path.with_suffix(".json")
+    for p in (path, side):
+        if p.is_dir(): raise IsADirectoryError(f"{p} is a folder: save the cache under another name (nothing was written).")
+    # both files under temporary names; the tensors land first, then their sidecar (a copy of the metadata inside them)
+    with atomic_write(side) as tmp_side, atomic_write(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"md_probe.ProbeCache": meta})
+        Path(tmp_side).write_text(meta)
     return path
 
 def _check_format(path, meta):

@@ -118,3 +118,19 @@ def test_other_formats_are_refused(probed, tmp_path, fmt, fix):
     path = tmp_path / "old.safetensors"
     save_file({"feats.0": torch.zeros(1, 1, 1, 1)}, str(path), metadata={"md_probe.ProbeCache": json.dumps(meta)})
     with pytest.raises(ValueError, match=fix): ProbeCache.load(path)
+
+
+@pytest.mark.parametrize("taken", ["c.safetensors", "c.json"])
+def test_save_over_a_folder_writes_nothing(probed, tmp_path, taken):
+    "A folder at the cache's name or at its sidecar's: a clear error, and the folder holds exactly what it held (audit CCH-07)."
+    (tmp_path / taken).mkdir()
+    with pytest.raises(IsADirectoryError, match="is a folder"): probed.save(tmp_path / "c.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [taken] and not any((tmp_path / taken).iterdir())
+
+def test_save_writes_no_sidecar_before_its_tensors(probed, tmp_path, monkeypatch):
+    "A failure while the tensors are written leaves neither file (the sidecar is renamed only after the tensors)."
+    import safetensors.torch
+    def boom(*a, **k): raise OSError("disk full")
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"): probed.save(tmp_path / "c.safetensors")
+    assert list(tmp_path.iterdir()) == []
