@@ -1,12 +1,11 @@
 "`md-probe` writes each image's outputs whole or not at all, never lets two inputs write one file, and counts what exists."
 import io, os, sys, json, shutil, signal, subprocess, contextlib
 from pathlib import Path
-import numpy as np
 import pytest
 import torch
 torch.set_num_threads(1)
 
-from md_probe.cli import main, write_together, safe_file_name, heatmap_file_names
+from md_probe.cli import main, write_together, heatmap_file_names
 from md_probe.segment import Segmentation
 
 ROOT = Path(__file__).resolve().parent.parent

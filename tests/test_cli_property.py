@@ -1,7 +1,6 @@
 "Property: every `md-probe segment` run ends with exit 0 and a complete output set, or exit 2, one line, and the folder unchanged."
 import io, shutil, tempfile, contextlib
 from pathlib import Path
-import pytest
 import torch
 from hypothesis import given, settings, example, HealthCheck, strategies as st
 torch.set_num_threads(1)
