@@ -244,7 +244,6 @@ def _matched_confusions(conf, C):
         if not any(np.array_equal(mc, o) for o in out): out.append(mc)
     return out
 
-@pytest.mark.skip(reason="flaky tie case under study (see the session note): hypothesis found a renaming where it fails")
 @SET
 @given(labelled(), st.integers(0, 2**31 - 1))
 def test_permuting_cluster_ids_follows_the_released_code(data, seed):
@@ -264,14 +263,18 @@ def test_permuting_cluster_ids_follows_the_released_code(data, seed):
         after = fold_confusion(confusion_matrix(q, g, C, num_preds=Pq), "per_image")
         options = _matched_confusions(ref_confusion(q, g, C, Pq), C)
         assert any(np.array_equal(after, o) for o in options)
-        if len(options) == 1: np.testing.assert_array_equal(before, after)
+        # the same as before only if the optimum is unique on both tables (their widths may differ: zero columns tie)
+        if len(options) == 1 == len(_matched_confusions(ref_confusion(p, g, C, Pp), C)):
+            np.testing.assert_array_equal(before, after)
     a, b = score_dataset(preds, gts, C), score_dataset(permuted, gts, C)
     assert _same(a.pixel_accuracy, b.pixel_accuracy)
     width = max(C, max(int(q.max()) + 1 for q in permuted))     # the dataset table grows to the largest id seen
     conf_b = sum(ref_confusion(q, g, C, width) for q, g in zip(permuted, gts))
     options = _matched_confusions(conf_b, C)
     assert any(np.array_equal(b.confusion, o) for o in options)
-    if len(options) == 1: np.testing.assert_array_equal(a.confusion, b.confusion)
+    width_a = max(C, max(int(p.max()) + 1 for p in preds))
+    unique_a = len(_matched_confusions(sum(ref_confusion(p, g, C, width_a) for p, g in zip(preds, gts)), C)) == 1
+    if len(options) == 1 and unique_a: np.testing.assert_array_equal(a.confusion, b.confusion)
 
 def test_renaming_segments_can_move_a_leftover_segment_to_another_absent_class():
     "The notebook's example: the same segments under other ids; DiffSeg's code gives the two different mIoUs too."
