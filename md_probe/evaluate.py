@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import torch
-import torch.nn.functional as F
 from fastcore.basics import patch
 from .models import DiffusionModel, PreparedImage, prepare_image
 from .probe import CaptureStore, ProbeCache, run_with_cache

@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_shapes.ipynb #a690036e
 from __future__ import annotations
-import os, json, math, time, hashlib
+import os, json, math, hashlib
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
