@@ -34,7 +34,7 @@ def bare(model, image, ctx):
     with torch.no_grad():
         t0 = time.perf_counter()
         z = model.encode_image(image)
-        model.unet(model.add_noise(z, [0]).to(model.dtype), torch.tensor([0]), encoder_hidden_states=ctx)
+        model.denoiser(model.add_noise(z, [0]).to(model.dtype), torch.tensor([0]), encoder_hidden_states=ctx)
         return time.perf_counter() - t0
 
 def main():
@@ -54,7 +54,7 @@ def main():
     for dt in args.dtypes.split(","):
         model.to(dtype=dt)
         fmt = torch.channels_last if model.dtype == torch.bfloat16 else torch.contiguous_format
-        for m in (model.unet, model.vae): m.to(memory_format=fmt)
+        for m in (model.denoiser, model.vae): m.to(memory_format=fmt)
         md = MaskDiffusion(model)
         with torch.no_grad(): ctx = model.encode_prompt(" and ".join(CLASSES)).embeddings.to(model.dtype)
         bare(model, imgs[0], ctx)                                     # warm-up, untimed

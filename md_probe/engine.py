@@ -164,9 +164,9 @@ def list_layers(model:DiffusionModel, # the model whose UNet is listed
     size = image_size or model.image_size
     h, w = (size, size) if isinstance(size, int) else size
     lh, lw = h // model.vae_scale, w // model.vae_scale
-    shapes = _unet_info(model.unet).shapes
+    shapes = _unet_info(model.denoiser).shapes
     rows = [LayerInfo(n, *shapes[n][:3], (max(1, lh // shapes[n][3]), max(1, lw // shapes[n][3])), n.endswith("attn2"))
-            for n, _ in _hookable(model.unet) if n in shapes]
+            for n, _ in _hookable(model.denoiser) if n in shapes]
     return LayerTable(r for r in rows if pattern is None or fnmatch.fnmatchcase(r.name, pattern))
 
 # %% ../nbs/01a_engine.ipynb #3976ac8a
@@ -175,9 +175,9 @@ def resolve_layers(model:DiffusionModel, patterns, # names or globs (str or iter
                   )->list:
     "Module names matching `patterns`, in model order; a clear error for names that match nothing."
     if isinstance(patterns, str): patterns = [patterns]
-    listed = [n for n, _ in _hookable(model.unet)]
+    listed = [n for n, _ in _hookable(model.denoiser)]
     if cross_attention_only: listed = [n for n in listed if n.endswith("attn2")]
-    modules = dict(model.unet.named_modules())
+    modules = dict(model.denoiser.named_modules())
     found = []
     for p in patterns:
         if any(c in p for c in "*?["):
@@ -370,11 +370,11 @@ def run_with_cache(model:DiffusionModel, # the model (left exactly as it was)
     unet_kwargs = {k: _per_row(v, N, k).to(dev) if k == "encoder_attention_mask" and v is not None else v
                    for k, v in unet_kwargs.items()}
     store = CaptureStore(dtype, device, sattn) if store is None else store
-    rec = _Recording(store, None if need_output else _stop_event(model.unet, feats, xattn, sattn, read))
+    rec = _Recording(store, None if need_output else _stop_event(model.denoiser, feats, xattn, sattn, read))
     outs, step = [], batch_size or N
-    with torch.no_grad(), capture(model.unet, feats, xattn, sattn, read, rec, with_lse):
+    with torch.no_grad(), capture(model.denoiser, feats, xattn, sattn, read, rec, with_lse):
         for s in range(0, N, step):
-            try: outs.append(first_tensor(model.unet(x[s:s + step], t_rows[s:s + step], encoder_hidden_states=ctx[s:s + step],
+            try: outs.append(first_tensor(model.denoiser(x[s:s + step], t_rows[s:s + step], encoder_hidden_states=ctx[s:s + step],
                                                      **_chunk(unet_kwargs, s, step, N))))
             except _StopForward: pass
     missing = [r for r in [("feature", n) for n in feats] + [("attention", n) for n in (*xattn, *sattn)] if r not in rec.seen]

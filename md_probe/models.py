@@ -5,16 +5,17 @@
 # %% ../nbs/00_models.ipynb #4081a768
 from __future__ import annotations
 import os, re, json, math, warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import torch
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['STOPWORDS', 'WHITE', 'TINY_WORDS', 'BUILTIN_MODELS', 'resolve_dtype', 'normalize_word', 'PromptEncoding',
-           'tokenize_prompt', 'clip_bpe_tokenizer', 'load_image', 'PreparedImage', 'image_to_tensor', 'DiffusionModel',
-           'prepare_image', 'check_timesteps', 'tiny_model', 'sd15_random_model', 'load_model']
+__all__ = ['STOPWORDS', 'WHITE', 'TINY_WORDS', 'BUILTIN_MODELS', 'PIPELINES', 'resolve_dtype', 'normalize_word', 'PromptEncoding',
+           'tokenize_prompt', 'join_streams', 'clip_bpe_tokenizer', 'load_image', 'PreparedImage', 'image_to_tensor',
+           'Backbone', 'first_tensor', 'DiffusionModel', 'prepare_image', 'check_timesteps', 'tiny_model',
+           'sd15_random_model', 'backbone_of', 'load_model']
 
 # %% ../nbs/00_models.ipynb #05a9bcc8
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -39,41 +40,54 @@ STOPWORDS = ("and", "a", "the", "on", "of", "with", "in")  # normalised (see nor
 # %% ../nbs/00_models.ipynb #ab372050
 @dataclass
 class PromptEncoding:
-    "A prompt as the UNet sees it: ids, mask, embeddings, and which word each token came from."
+    "A prompt as the denoiser sees it: ids, mask, embeddings, which word each text position came from, and its streams."
     prompt: str
-    input_ids: torch.Tensor       # (1, L) token ids, start token first, padded to the window
+    input_ids: torch.Tensor       # (1, L) token ids of every text position, in the denoiser's order
     attention_mask: torch.Tensor  # (1, L) 1 for real tokens (start, words, end), 0 for padding
-    embeddings: torch.Tensor|None # (1, L, D) text-encoder output (None if not encoded yet)
+    embeddings: torch.Tensor|None # (1, L, D) what the denoiser attends to (None if not encoded yet)
     tokens: list                  # L token strings
-    token_words: list             # word index of each token, -1 for start/end/padding
+    token_words: list             # word index of each text position, -1 for start/end/padding
     words: list                   # the prompt's words as written
+    streams: dict|None = None     # stream name -> (start, stop) on the text axis; None: one stream, "text"
+    extra: dict = field(default_factory=dict) # other per-prompt denoiser inputs (pooled vectors, masks), each (1, ...)
+
+    def __post_init__(self):
+        if self.streams is None: self.streams = {"text": (0, len(self.token_words))}
 
     @property
     def normalized_words(self): return [normalize_word(w) for w in self.words]
 
-    def occurrences(self, word:str)->list:
-        "Token positions of each occurrence of `word` (one or several words), as a list of lists."
+    def _stream_range(self, stream):
+        if stream in (None, "all"): return range(len(self.token_words))
+        if stream not in self.streams:
+            raise KeyError(f"stream={stream!r}: this prompt's text streams are {list(self.streams)} (or 'all').")
+        return range(*self.streams[stream])
+
+    def occurrences(self, word:str, stream:str|None=None)->list:
+        "Text positions of each occurrence of `word` (one or several words) in `stream` (None/'all': every stream)."
         query = [normalize_word(w) for w in word.split()]
         if not query or not all(query): raise ValueError(f"Empty word {word!r}: pass a word of the prompt.")
         ws, n = self.normalized_words, len(query)
         starts = [i for i in range(len(ws) - n + 1) if ws[i:i+n] == query]
         if not starts:
             raise KeyError(f"{word!r} is not a word of the prompt {self.prompt!r}; its words are {ws}.")
-        return [[p for p, wi in enumerate(self.token_words) if s <= wi < s + n] for s in starts]
+        where = self._stream_range(stream)
+        return [[p for p in where if s <= self.token_words[p] < s + n] for s in starts]
 
-    def positions(self, word:str)->list:
-        "Token positions of every occurrence of `word`, flattened."
-        return [p for occ in self.occurrences(word) for p in occ]
+    def positions(self, word:str, stream:str|None=None)->list:
+        "Text positions of every occurrence of `word` in `stream` (default: every stream that carries it), flattened."
+        return [p for occ in self.occurrences(word, stream) for p in occ]
 
 # %% ../nbs/00_models.ipynb #c580514e
-def tokenize_prompt(tokenizer, # a transformers tokenizer with bos/eos/pad tokens
+def tokenize_prompt(tokenizer, # a transformers tokenizer (a start token is added when it has one, as CLIP; T5 has none)
                     prompt:str, # the prompt; words are separated by whitespace
                     max_length:int, # the text encoder's window (77 for CLIP)
                    )->PromptEncoding:
     "Token ids of `prompt` padded to `max_length`, with each token's word index."
     if not isinstance(prompt, str): raise TypeError(f"prompt must be a string, got {type(prompt).__name__}.")
     words = prompt.split()
-    ids, token_words = [tokenizer.bos_token_id], [-1]
+    bos = tokenizer.bos_token_id
+    ids, token_words = ([bos], [-1]) if bos is not None else ([], [])
     for i, w in enumerate(words):
         wid = tokenizer(w, add_special_tokens=False)["input_ids"]
         ids += wid; token_words += [i] * len(wid)
@@ -87,6 +101,19 @@ def tokenize_prompt(tokenizer, # a transformers tokenizer with bos/eos/pad token
     token_words += [-1] * (max_length - n)
     return PromptEncoding(prompt, torch.tensor([ids]), torch.tensor([[1] * n + [0] * (max_length - n)]), None,
                           tokenizer.convert_ids_to_tokens(ids), token_words, words)
+
+def join_streams(parts:dict, # stream name -> PromptEncoding of one prompt, in the denoiser's order on the text axis
+                )->PromptEncoding:
+    "One encoding whose text axis is the streams' positions one after another (SD3: CLIP then T5)."
+    first = next(iter(parts.values()))
+    streams, n = {}, 0
+    for k, e in parts.items():
+        if e.words != first.words: raise ValueError(f"Stream {k!r} was tokenised from other words than {first.words}.")
+        streams[k] = (n, n + len(e.token_words)); n += len(e.token_words)
+    cat = lambda f: torch.cat([getattr(e, f) for e in parts.values()], 1)
+    return PromptEncoding(first.prompt, cat("input_ids"), cat("attention_mask"), None,
+                          [t for e in parts.values() for t in e.tokens], [w for e in parts.values() for w in e.token_words],
+                          first.words, streams)
 
 # %% ../nbs/00_models.ipynb #6386a2aa
 def _bytes_to_unicode():
@@ -250,24 +277,146 @@ def image_to_tensor(image)->torch.Tensor:
     return _unit_pixels(image)
 
 # %% ../nbs/00_models.ipynb #eb52a586
+_UNET_KINDS = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D",
+               "UpBlock2D", "ResnetBlock2D", "Transformer2DModel", "BasicTransformerBlock", "Attention", "Downsample2D",
+               "Upsample2D")
+
+class Backbone:
+    """How md_probe drives one family of text-to-image models. This base class is the Stable Diffusion 1.x/2.x UNet
+    (and the shapes UNet); every other family subclasses it and overrides only what differs. Stateless: one instance
+    serves every model of its family; methods take the `DiffusionModel` or its denoiser."""
+    family = "sd"                           # the key methods look their defaults up by (segment.FAMILY_DEFAULTS)
+    pipeline = "StableDiffusionPipeline"    # the diffusers pipeline class of the family's checkpoints
+    flow_matching = False                   # timesteps: integer DDPM steps (False) or flow-matching values (True)
+    layer_kinds = _UNET_KINDS               # module classes that `list_layers` shows
+    default_stream = None                   # the text stream words are located in by default (None: every stream)
+
+    # -- text ---------------------------------------------------------------------------------------------------
+    def tokenize(self, model, prompt:str)->PromptEncoding:
+        "The prompt's text positions on the denoiser's text axis, with word alignment (no embeddings)."
+        return tokenize_prompt(model.tokenizer, prompt, model.max_length)
+
+    def encode_prompt(self, model, prompt:str)->PromptEncoding:
+        "`tokenize`, then `embeddings` (1, L, D) and `extra` (other denoiser inputs), exactly as the family's pipeline."
+        enc = self.tokenize(model, prompt)
+        ids = enc.input_ids.to(model.text_encoder.device)
+        mask = enc.attention_mask.to(ids.device) if model.pass_attention_mask else None
+        with torch.no_grad(): enc.embeddings = model.text_encoder(ids, attention_mask=mask)[0]
+        if model.pass_attention_mask: enc.extra = dict(encoder_attention_mask=enc.attention_mask)
+        return enc
+
+    # -- images and noise -----------------------------------------------------------------------------------------
+    def encode_image(self, model, pixels:torch.Tensor)->torch.Tensor:
+        "Latents z_0 (B, C, h, w) of pixels (B, 3, H, W) in [-1, 1]: the VAE posterior mean, shifted and scaled."
+        if model.vae is None: return pixels.to(model.device, model.dtype)
+        c = model.vae.config
+        with torch.no_grad(): z = model.vae.encode(pixels.to(model.device, model.vae.dtype)).latent_dist.mean
+        return (z - (getattr(c, "shift_factor", None) or 0.0)) * c.scaling_factor
+
+    def check_timesteps(self, model, timesteps)->list:
+        "What the user passed as timesteps, checked against the scheduler's units (see `check_timesteps`)."
+        return check_timesteps(timesteps, model.num_train_timesteps, integer=not self.flow_matching)
+
+    def add_noise(self, model, z0:torch.Tensor, timesteps:list, eps:torch.Tensor)->torch.Tensor:
+        "z_t of the float32 latents `z0` (B, ...) for each timestep, t-major (T*B, ...): the scheduler's `add_noise`."
+        z = z0.repeat(len(timesteps), *([1] * (z0.ndim - 1)))
+        t = torch.tensor(timesteps).repeat_interleave(z0.shape[0]).to(z.device)
+        return model.scheduler.add_noise(z, eps.expand_as(z), t)
+
+    # -- the denoiser ---------------------------------------------------------------------------------------------
+    def denoise(self, denoiser, sample:torch.Tensor, timestep:torch.Tensor, context:torch.Tensor, **extra)->torch.Tensor:
+        "One denoiser call in the family's convention: latents (N, C, h, w), per-row timesteps, text (N, L, D), `extra`."
+        return first_tensor(denoiser(sample, timestep, encoder_hidden_states=context, **extra))
+
+    def dummy_forward(self, denoiser)->tuple:
+        "Run `denoiser` once on a small zero input (for layer shapes and order); returns the latent (h, w) it used."
+        side = 2 ** len(denoiser.config.block_out_channels)   # the smallest latent every level halves (2x2 at the bottom)
+        p = next(denoiser.parameters())
+        ctx = torch.zeros(1, 2, denoiser.config.cross_attention_dim, device=p.device, dtype=p.dtype)
+        denoiser(torch.zeros(1, denoiser.config.in_channels, side, side, device=p.device, dtype=p.dtype), 0, ctx)
+        return (side, side)
+
+    def token_grid(self, denoiser, latent_hw:tuple)->tuple:
+        "(h, w) of the image tokens the denoiser's attention sees for a latent of `latent_hw` (the UNet: the latent)."
+        return tuple(latent_hw)
+
+    def stride(self, model)->int:
+        "Image sizes must be multiples of this."
+        return model.vae_scale * 2 ** (len(model.denoiser.config.block_out_channels) - 1)
+
+    # -- layers -----------------------------------------------------------------------------------------------------
+    def relations(self, name:str, module)->tuple:
+        "What an attention module relates: ('text->image',) for attn2, ('image->image',) for attn1; () for others."
+        if not hasattr(module, "set_processor"): return ()
+        return ("text->image",) if name.endswith("attn2") else ("image->image",) if name.endswith("attn1") else ()
+
+    def recorder(self, name:str, module, **kw):
+        "The attention processor that records `module` (see engine.AttentionRecorder for `kw`)."
+        from .engine import AttentionRecorder
+        return AttentionRecorder(name, **kw)
+
+    def image_stream(self, name:str, module, x, token_hw:tuple)->torch.Tensor:
+        "A module's output (or input) as image features (B, C, h, w); token sequences (B, h*w, C) are reshaped."
+        x = first_tensor(x)
+        if x.ndim == 3: x = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *token_hw)
+        return x
+
+    # -- pipelines --------------------------------------------------------------------------------------------------
+    def guidance(self, pipe)->str:
+        "How a pipeline's denoiser calls hold classifier-free guidance: 'halves' ([uncond, cond] rows), 'calls' (two calls per step, conditional first) or 'none'."
+        try: return "halves" if getattr(pipe, "do_classifier_free_guidance", False) else "none"
+        except AttributeError: return "none"
+
+    def from_pipeline(self, pipe, name:str|None=None)->DiffusionModel:
+        "A `DiffusionModel` over a diffusers pipeline's own components (nothing copied)."
+        tok = pipe.tokenizer
+        return DiffusionModel(pipe.unet, pipe.text_encoder, tok, pipe.scheduler, pipe.vae, name=name or type(pipe).__name__,
+                              image_size=_native_size(pipe.unet, pipe.vae),
+                              max_length=tok.model_max_length if tok.model_max_length < 10_000 else 77, backbone=self)
+
+    def components(self, model)->dict:
+        "The model's parts under their pipeline names (what `save_pretrained` writes)."
+        return dict(unet=model.denoiser, vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+                    scheduler=model.scheduler, safety_checker=None, feature_extractor=None) | model.extra
+
+def first_tensor(x):
+    "The tensor a module returned (diffusers outputs hold it in `.sample`; tuples first)."
+    if isinstance(x, torch.Tensor): return x
+    if hasattr(x, "sample") and isinstance(x.sample, torch.Tensor): return x.sample
+    if isinstance(x, (tuple, list)) and x: return first_tensor(x[0])
+    if isinstance(x, dict) and x: return first_tensor(next(iter(x.values())))
+    raise TypeError(f"No tensor in {type(x).__name__}")
+
+def _native_size(denoiser, vae)->int:
+    "The native image side: the denoiser's sample size times the VAE's scale."
+    s = denoiser.config.sample_size
+    s = s if isinstance(s, int) else s[0]
+    return int(s * (2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1))
+
 @dataclass
 class DiffusionModel:
     "A text-to-image diffusion model's parts, and the conversions a probe needs."
-    unet: torch.nn.Module
-    text_encoder: torch.nn.Module
-    tokenizer: object
+    denoiser: torch.nn.Module          # the UNet or the transformer that predicts the noise (or velocity)
+    text_encoder: torch.nn.Module      # the (first) text encoder
+    tokenizer: object                  # its tokenizer
     scheduler: object
     vae: torch.nn.Module|None = None   # None for pixel-space models
     name: str = "model"
     image_size: int = 512              # native (square) image size in pixels
     max_length: int = 77               # the text encoder's window
-    pass_attention_mask: bool = False  # give the UNet an encoder_attention_mask (SD does not; shapes does)
-    family: str = "sd"                 # architecture family: methods look up their defaults by it (see segment)
+    pass_attention_mask: bool = False  # give the denoiser an encoder_attention_mask (SD does not; shapes does)
+    family: str|None = None            # architecture family: methods look up their defaults by it (default: the backbone's)
+    backbone: Backbone|None = None     # how the family is driven (default: Stable Diffusion's UNet)
+    extra: dict = field(default_factory=dict) # the family's other pipeline components by pipeline name ("text_encoder_2", ...)
+
+    def __post_init__(self):
+        if self.backbone is None: self.backbone = Backbone()
+        if self.family is None: self.family = self.backbone.family
 
     @property
-    def device(self): return next(self.unet.parameters()).device
+    def device(self): return next(self.denoiser.parameters()).device
     @property
-    def dtype(self): return next(self.unet.parameters()).dtype
+    def dtype(self): return next(self.denoiser.parameters()).dtype
     @property
     def vae_scale(self)->int:
         "Pixels per latent cell (8 for SD, 1 in pixel space)."
@@ -275,14 +424,17 @@ class DiffusionModel:
     @property
     def stride(self)->int:
         "Image sizes must be multiples of this (64 for SD)."
-        return self.vae_scale * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        return self.backbone.stride(self)
     @property
     def num_train_timesteps(self)->int: return self.scheduler.config.num_train_timesteps
+    def tokenize(self, prompt:str)->PromptEncoding:
+        "The prompt's text positions and word alignment, without running a text encoder (`Backbone.tokenize`)."
+        return self.backbone.tokenize(self, prompt)
 
     def __repr__(self):
-        n = sum(p.numel() for p in self.unet.parameters())
-        return (f"DiffusionModel({self.name!r}: UNet {n/1e6:.2f} M parameters, {self.image_size} px, "
-                f"{'VAE latent' if self.vae is not None else 'pixel space'}, {self.dtype}, {self.device})")
+        n = sum(p.numel() for p in self.denoiser.parameters())
+        return (f"DiffusionModel({self.name!r}: {self.family} {type(self.denoiser).__name__} {n/1e6:.2f} M parameters, "
+                f"{self.image_size} px, {'VAE latent' if self.vae is not None else 'pixel space'}, {self.dtype}, {self.device})")
 
 # %% ../nbs/00_models.ipynb #2006b319
 def prepare_image(image, # PIL image, (H, W, 3) uint8 array or (3, H, W) float tensor
@@ -317,51 +469,46 @@ def prepare_image(self:DiffusionModel, image, # PIL image, (H, W, 3) uint8 array
 
 @patch
 def encode_image(self:DiffusionModel, image, image_size:int|None=None, keep_aspect:bool=False)->torch.Tensor:
-    "The latent z_0 of `image`: VAE posterior mean x scaling factor (the pixels themselves in pixel space)."
+    "The latent z_0 of `image`: VAE posterior mean, shifted and scaled as the family does (the pixels themselves in pixel space)."
     x = (image if isinstance(image, PreparedImage) else self.prepare_image(image, image_size, keep_aspect)).pixels
-    x = x.to(self.device, self.dtype if self.vae is None else self.vae.dtype)
-    if self.vae is None: return x
-    with torch.no_grad(): return self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
+    return self.backbone.encode_image(self, x)
 
 # %% ../nbs/00_models.ipynb #f0bc3611
 @patch
 def encode_prompt(self:DiffusionModel, prompt:str)->PromptEncoding:
-    "Embeddings of `prompt` from the text encoder, with the word/token alignment."
-    enc = tokenize_prompt(self.tokenizer, prompt, self.max_length)
-    ids = enc.input_ids.to(self.text_encoder.device)
-    mask = enc.attention_mask.to(ids.device) if self.pass_attention_mask else None
-    with torch.no_grad(): enc.embeddings = self.text_encoder(ids, attention_mask=mask)[0]
-    return enc
+    "Embeddings of `prompt` from the text encoder(s), with the word/token alignment and the other denoiser inputs."
+    return self.backbone.encode_prompt(self, prompt)
 
 # %% ../nbs/00_models.ipynb #0c582712
-def check_timesteps(timesteps, num_train_timesteps:int)->list:
-    "`timesteps` (an int, or a list, tuple, range, numpy or torch array of ints) as a list of ints in [0, num_train_timesteps)."
+def check_timesteps(timesteps, num_train_timesteps:int, # the scheduler's `num_train_timesteps`
+                    integer:bool=True, # DDPM-style integer steps in [0, N); False: flow-matching values in [0, N]
+                   )->list:
+    "`timesteps` (a number, or a list, tuple, range, numpy or torch array) checked and returned as a list."
+    unit = ("the scheduler's integer training timesteps (0 = clean)" if integer else
+            f"flow-matching timesteps in [0, {num_train_timesteps}] (sigma = t / {num_train_timesteps}; 0 = clean)")
     if isinstance(timesteps, (str, bytes)):
-        raise ValueError(f"timesteps={timesteps!r} is text: pass integers, e.g. timesteps=[0, 50].")
+        raise ValueError(f"timesteps={timesteps!r} is text: pass numbers, {unit}, e.g. timesteps=[0, 50].")
     if hasattr(timesteps, "tolist"): timesteps = timesteps.tolist()       # numpy / torch arrays and scalars
     ts = list(timesteps) if isinstance(timesteps, (list, tuple, range)) else [timesteps]
     if not ts: raise ValueError("No timesteps given: pass at least one, e.g. timesteps=(0,).")
     for t in ts:
-        if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
-            raise ValueError(f"Timestep {t!r} is a {type(t).__name__}, not an integer: timesteps are the scheduler's "
-                             f"integer training timesteps (0 = clean), e.g. timesteps=[0, 50].")
-        if not 0 <= t < num_train_timesteps:
-            raise ValueError(f"Timestep {t!r} is outside [0, {num_train_timesteps}): timesteps are the scheduler's "
-                             f"integer training timesteps (0 = clean).")
-    return [int(t) for t in ts]
+        ok = isinstance(t, (int, np.integer)) if integer else isinstance(t, (int, float, np.integer, np.floating))
+        if isinstance(t, bool) or not ok:
+            raise ValueError(f"Timestep {t!r} is a {type(t).__name__}, not {'an integer' if integer else 'a number'}: "
+                             f"timesteps are {unit}, e.g. timesteps=[0, 50].")
+        if not (0 <= t < num_train_timesteps if integer else 0 <= t <= num_train_timesteps and math.isfinite(t)):
+            raise ValueError(f"Timestep {t!r} is outside [0, {num_train_timesteps}{')' if integer else ']'}: timesteps are {unit}.")
+    return [int(t) for t in ts] if integer else [int(t) if float(t).is_integer() else float(t) for t in ts]
 
 @patch
 def add_noise(self:DiffusionModel, latent:torch.Tensor, # (1 or B, C, h, w) clean latent z_0
-              timesteps, # int or list of ints in [0, num_train_timesteps)
+              timesteps, # one or several timesteps in the scheduler's units (`check_timesteps`)
               seed:int=0, # seeds eps; the same eps is used for every timestep and image
              )->torch.Tensor:
-    "z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps for each t, stacked along the batch: (T*B, C, h, w), t-major."
-    ts = check_timesteps(timesteps, self.num_train_timesteps)
+    "z_t for each t, stacked along the batch: (T*B, C, h, w), t-major (DDPM: sqrt(abar) z_0 + sqrt(1 - abar) eps; flow matching: (1 - sigma) z_0 + sigma eps)."
+    ts = self.backbone.check_timesteps(self, timesteps)
     eps = torch.randn((1, *latent.shape[1:]), generator=torch.Generator("cpu").manual_seed(seed))
-    B = latent.shape[0]
-    z0 = latent.float().repeat(len(ts), 1, 1, 1)
-    t = torch.tensor(ts).repeat_interleave(B)
-    zt = self.scheduler.add_noise(z0, eps.to(z0.device).expand_as(z0), t.to(z0.device))
+    zt = self.backbone.add_noise(self, latent.float(), ts, eps.to(latent.device))
     return zt.to(latent.dtype)
 
 # %% ../nbs/00_models.ipynb #2099c7ac
@@ -416,7 +563,15 @@ def sd15_random_model()->DiffusionModel:
 # %% ../nbs/00_models.ipynb #e4b4898d
 BUILTIN_MODELS = {"tiny": "md_probe.models:tiny_model", "sd15-random": "md_probe.models:sd15_random_model",
                   "shapes": "md_probe.shapes:shapes_model", "shapes-random": "md_probe.shapes:shapes_random_model",
-                  "shapes-generative": "md_probe.shapes:shapes_generative_model"}
+                  "shapes-generative": "md_probe.shapes:shapes_generative_model",
+                  "tiny-sdxl": "md_probe.sdxl:tiny_sdxl", "tiny-pixart": "md_probe.pixart:tiny_pixart",
+                  "tiny-sd3": "md_probe.sd3:tiny_sd3", "tiny-flux": "md_probe.flux:tiny_flux"}
+
+# model_index.json's pipeline class -> the backbone that loads it
+PIPELINES = {"StableDiffusionPipeline": "md_probe.models:Backbone",
+             "StableDiffusionXLPipeline": "md_probe.sdxl:SDXL",
+             "PixArtAlphaPipeline": "md_probe.pixart:PixArt", "PixArtSigmaPipeline": "md_probe.pixart:PixArt",
+             "StableDiffusion3Pipeline": "md_probe.sd3:SD3", "FluxPipeline": "md_probe.flux:Flux"}
 
 def _resolve(ref):
     import importlib
@@ -426,7 +581,30 @@ def _resolve(ref):
 # diffusers' own `from_pretrained` passes huggingface_hub an argument it deprecated: nothing a user can act on
 _HUB_NOISE = "The `local_dir_use_symlinks` argument is deprecated"
 
+def _pipeline_class(path)->str:
+    "The pipeline class a checkpoint folder or hub id names in its model_index.json."
+    from diffusers import DiffusionPipeline
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=re.escape(_HUB_NOISE), category=UserWarning)
+        return DiffusionPipeline.load_config(path)["_class_name"]
+
+def backbone_of(pipeline:str)->Backbone:
+    "The backbone that drives checkpoints of the diffusers pipeline class `pipeline`; a clear error for others."
+    if pipeline not in PIPELINES:
+        raise ValueError(f"md_probe does not drive {pipeline} checkpoints: the supported pipeline classes are "
+                         f"{', '.join(PIPELINES)}.")
+    return _resolve(PIPELINES[pipeline])()
+
 def _load_diffusers(path, dtype, name):
+    "A checkpoint (folder or hub id) of any supported pipeline class, loaded by its family's backbone."
+    backbone = backbone_of(_pipeline_class(path))
+    if type(backbone) is not Backbone:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=re.escape(_HUB_NOISE), category=UserWarning)
+            return backbone.load(path, dtype, name)
+    return _load_sd(path, dtype, name)
+
+def _load_sd(path, dtype, name):
     "Components of a Stable Diffusion checkpoint (folder or hub id), each from its subfolder."
     from diffusers import UNet2DConditionModel, AutoencoderKL, DDIMScheduler
     from transformers import CLIPTextModel, AutoTokenizer
@@ -475,8 +653,8 @@ def load_model(name_or_path:str, # offline name, checkpoint folder, shapes .safe
 def to(self:DiffusionModel, device=None, dtype=None)->DiffusionModel:
     "Move the model's modules to `device` and/or cast them to `dtype`, in place; returns the model."
     dt = resolve_dtype(dtype) if dtype is not None else None
-    for mod in (self.unet, self.text_encoder, self.vae):
-        if mod is None: continue
+    for mod in (self.denoiser, self.text_encoder, self.vae, *self.extra.values()):
+        if not isinstance(mod, torch.nn.Module): continue
         p = next(mod.parameters())
         if (dt is not None and p.dtype != dt) or (device is not None and p.device != torch.device(device)): _move(mod, device, dt)
     return self
@@ -492,16 +670,11 @@ def _move(mod:torch.nn.Module, device, dtype):
 # %% ../nbs/00_models.ipynb #37f396dc
 @patch
 def save_pretrained(self:DiffusionModel, path):
-    "Write the model as a diffusers Stable Diffusion folder."
-    if self.vae is None: raise ValueError("Pixel-space models are saved with md_probe.shapes.save_shapes, not as an SD folder.")
-    path = Path(path); path.mkdir(parents=True, exist_ok=True)
-    for sub, mod in (("unet", self.unet), ("vae", self.vae), ("text_encoder", self.text_encoder),
-                     ("tokenizer", self.tokenizer), ("scheduler", self.scheduler)):
-        mod.save_pretrained(path / sub)
-    (path / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", type(self.scheduler).__name__], "safety_checker": [None, None],
-        "feature_extractor": [None, None], "requires_safety_checker": False}, indent=2))
-    return path
+    "Write the model as a folder that its family's own diffusers pipeline loads (`model_index.json` and one folder per part)."
+    import diffusers
+    if self.vae is None: raise ValueError("Pixel-space models are saved with md_probe.shapes.save_shapes, not as a pipeline folder.")
+    pipe = getattr(diffusers, self.backbone.pipeline)(**self.backbone.components(self))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*safety checker.*")   # none is written on purpose
+        pipe.save_pretrained(path)
+    return Path(path)

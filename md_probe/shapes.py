@@ -136,7 +136,7 @@ def save_shapes(model:DiffusionModel, path, record:dict|None=None):
     "Write `model` as one safetensors file (atomically), with `record` (training command, metrics) in its metadata."
     from safetensors.torch import save_file
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"unet.{k}": v.detach().float().contiguous() for k, v in model.unet.state_dict().items()}
+    tensors = {f"unet.{k}": v.detach().float().contiguous() for k, v in model.denoiser.state_dict().items()}
     tensors |= {f"text_encoder.{k}": v.detach().float().contiguous() for k, v in model.text_encoder.state_dict().items()}
     meta = {"format": "md_probe.shapes/1", "unet_config": json.dumps(SHAPES_UNET),
             "text_encoder_config": json.dumps(model.text_encoder.config), "record": json.dumps(record or {})}
@@ -160,7 +160,7 @@ def load_shapes(path)->DiffusionModel:
                          "pass a file written by `md-probe train-shapes`.")
     model = build_shapes_model()
     sd = load_file(str(path))
-    model.unet.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("unet.")})
+    model.denoiser.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("unet.")})
     model.text_encoder.load_state_dict({k[13:]: v for k, v in sd.items() if k.startswith("text_encoder.")})
     model.name = Path(path).stem
     return model
@@ -314,7 +314,7 @@ def train_shapes(out, # output folder: state.pt (resumable), loss.csv, shapes.sa
     if threads: torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
     model = build_shapes_model(seed)
-    unet, text = model.unet.train(), model.text_encoder.train()
+    unet, text = model.denoiser.train(), model.text_encoder.train()
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     if ck is not None:
@@ -356,7 +356,7 @@ def train_shapes(out, # output folder: state.pt (resumable), loss.csv, shapes.sa
             os.replace(out / "state.pt.tmp", state)
     log.close()
     unet.set_attn_processor(original)
-    model.unet.eval(); model.text_encoder.eval()
+    model.denoiser.eval(); model.text_encoder.eval()
     # the folder's name only: a record never names a path of the machine it was made on
     record = dict(command=f"md-probe train-shapes --out {out.resolve().name} --steps {steps} --seed {seed} --batch-size {batch_size} "
                           f"--lr {lr} --grounding {grounding}", steps=steps, seed=seed, batch_size=batch_size, lr=lr,

@@ -60,7 +60,7 @@ def model_fingerprint(model:DiffusionModel, # the model whose weights are summar
                      )->str: # 16 hex digits
     "A short hash of the model's name, configs and a strided sample of every weight tensor (UNet, text encoder, VAE)."
     h = hashlib.sha1(model.name.encode())
-    for part in (model.unet, model.text_encoder, model.vae):
+    for part in (model.denoiser, model.text_encoder, model.vae):
         if part is None: continue
         config = {k: v for k, v in dict(getattr(part, "config", {}) or {}).items() if not k.startswith("_")}
         h.update(json.dumps(config, sort_keys=True, default=str).encode())

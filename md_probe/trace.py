@@ -132,13 +132,13 @@ def trace(pipe, # a diffusers pipeline with .unet (StableDiffusionPipeline, ...)
         if isinstance(ids, torch.Tensor): te_ids.append(ids.detach().cpu())
     handles = []
     try:
-        handles.append(model.unet.register_forward_pre_hook(on_unet, with_kwargs=True))
+        handles.append(model.denoiser.register_forward_pre_hook(on_unet, with_kwargs=True))
         if isinstance(model.text_encoder, torch.nn.Module):
             handles.append(model.text_encoder.register_forward_pre_hook(on_text, with_kwargs=True))
         dec = getattr(model.vae, "decoder", None)
         if isinstance(dec, torch.nn.Module):
             handles.append(dec.register_forward_hook(lambda m, a, out: store.decoded.append(first_tensor(out).detach().cpu())))
-        with capture(model.unet, feats, xattn, sattn, "output", store):
+        with capture(model.denoiser, feats, xattn, sattn, "output", store):
             yield cache
     finally:
         for h in handles: h.remove()

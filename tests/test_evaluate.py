@@ -78,7 +78,7 @@ def test_records_rescore_under_another_protocol_without_the_unet(tiny, coco_root
     ds = load_dataset("cocostuff27", coco_root)
     first = ev.evaluate("kmeans", ds, model=tiny, batch_size=5, out=tmp_path, progress=False)
     calls = []
-    h = tiny.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    h = tiny.denoiser.register_forward_pre_hook(lambda *a: calls.append(1))
     try: again = ev.evaluate("kmeans", ds, model=tiny, batch_size=5, out=tmp_path, protocol="dataset", progress=False)
     finally: h.remove()
     fresh = ev.evaluate("kmeans", ds, model=tiny, batch_size=5, protocol="dataset", progress=False)
@@ -104,7 +104,7 @@ def test_interrupted_run_resumes_to_the_same_numbers(tiny, coco_root, tmp_path):
     with pytest.raises(Killed): ev.evaluate(method, ds, batch_size=1, out=tmp_path / "run", progress=False)
     assert len(ev.RecordLog(tmp_path / "run").read()) == 2
     rows = []
-    h = tiny.unet.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
+    h = tiny.denoiser.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
     try: resumed = ev.evaluate("maskdiffusion", ds, model=tiny, batch_size=1, out=tmp_path / "run", progress=False)
     finally: h.remove()
     assert len(rows) == 3                                  # images 2, 3, 4 only

@@ -28,7 +28,7 @@ def unet_calls(shapes):
     from md_probe.probe import list_layers
     list_layers(shapes)   # the engine's one-time measurement of the UNet (a dummy forward) happens before counting
     calls = []
-    h = shapes.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    h = shapes.denoiser.register_forward_pre_hook(lambda *a: calls.append(1))
     yield calls
     h.remove()
 

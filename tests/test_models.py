@@ -7,18 +7,18 @@ IMG = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
 
 def test_sd15_random_has_the_exact_sd15_unet():
     with torch.device("meta"): m = sd15_random_model()   # the architecture without allocating 3.4 GB
-    assert sum(p.numel() for p in m.unet.parameters()) == 859_520_964
+    assert sum(p.numel() for p in m.denoiser.parameters()) == 859_520_964
     assert sum(p.numel() for p in m.text_encoder.parameters()) == 123_060_480
     assert m.image_size == 512 and m.stride == 64
 
 def test_tiny_is_seeded():
     a, b = tiny_model(), tiny_model()
-    for (k, x), y in zip(a.unet.state_dict().items(), b.unet.state_dict().values()): assert torch.equal(x, y), k
+    for (k, x), y in zip(a.denoiser.state_dict().items(), b.denoiser.state_dict().values()): assert torch.equal(x, y), k
 
 def test_pipeline_folder_loads(tmp_path):
     from diffusers import StableDiffusionPipeline
     m = tiny_model()
-    pipe = StableDiffusionPipeline(vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet,
+    pipe = StableDiffusionPipeline(vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.denoiser,
                                    scheduler=m.scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(tmp_path)
@@ -32,7 +32,7 @@ def test_sd2_v_prediction_folder_loads(tmp_path):
     "SD 2.x: linear projections, per-level head dims, a v-prediction scheduler; probing only noises, so it just works."
     from diffusers import UNet2DConditionModel, DDIMScheduler
     m = tiny_model()
-    m.unet = UNet2DConditionModel(block_out_channels=(32, 64, 64, 64), attention_head_dim=(2, 4, 8, 8), norm_num_groups=8,
+    m.denoiser = UNet2DConditionModel(block_out_channels=(32, 64, 64, 64), attention_head_dim=(2, 4, 8, 8), norm_num_groups=8,
                                   cross_attention_dim=32, sample_size=8, use_linear_projection=True, layers_per_block=2,
                                   down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                                   up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3).eval()
@@ -61,10 +61,10 @@ def test_casting_says_nothing_when_no_module_must_stay_fp32():
     lg = logging.getLogger("diffusers"); lg.addHandler(h)
     try:
         m = tiny_model().to(dtype="bf16")
-        assert m.unet.dtype == m.vae.dtype == m.text_encoder.dtype == torch.bfloat16
+        assert m.denoiser.dtype == m.vae.dtype == m.text_encoder.dtype == torch.bfloat16
         assert not [w for w in seen if "float32" in w], seen
-        if type(m.unet).to is not torch.nn.Module.to:                 # diffusers' own `to` still warns: the test can fail
-            type(m.unet).to(m.unet, dtype=torch.float32)
+        if type(m.denoiser).to is not torch.nn.Module.to:                 # diffusers' own `to` still warns: the test can fail
+            type(m.denoiser).to(m.denoiser, dtype=torch.float32)
             assert any("float32" in w for w in seen)
     finally: lg.removeHandler(h)
 

@@ -43,10 +43,10 @@ def test_early_stop_equals_full_forward(tiny, data):
     if not (layers or xattn or sattn): layers = [data.draw(st.sampled_from(names))]
     read = data.draw(st.sampled_from(["output", "input"]))
     kw = dict(layers=layers, cross_attention=xattn, self_attention=sattn, read=read)
-    before = attached(m.unet)
+    before = attached(m.denoiser)
     out, full = _run(m, z, t, encs, **kw)
     ran = []
-    hooks = [mod.register_forward_pre_hook(lambda *a, n=n: ran.append(n)) for n, mod in m.unet.named_modules() if n]
+    hooks = [mod.register_forward_pre_hook(lambda *a, n=n: ran.append(n)) for n, mod in m.denoiser.named_modules() if n]
     try: none, early = _run(m, z, t, encs, need_output=False, **kw)
     finally:
         for h in hooks: h.remove()
@@ -54,12 +54,12 @@ def test_early_stop_equals_full_forward(tiny, data):
     assert list(early) == list(full)
     for g in ("feats", "probs", "self_probs"):
         for k, v in getattr(full, g).items(): assert torch.equal(getattr(early, g)[k], v), (g, k)
-    assert attached(m.unet) == before
+    assert attached(m.denoiser) == before
     # the reference order: when each module starts in a plain forward (counted independently of the engine)
     order = []
-    hooks = [mod.register_forward_pre_hook(lambda *a, n=n: order.append(n)) for n, mod in m.unet.named_modules() if n]
+    hooks = [mod.register_forward_pre_hook(lambda *a, n=n: order.append(n)) for n, mod in m.denoiser.named_modules() if n]
     try:
-        with torch.no_grad(): m.unet(z[:1], 0, encoder_hidden_states=encs[0].embeddings)
+        with torch.no_grad(): m.denoiser(z[:1], 0, encoder_hidden_states=encs[0].embeddings)
     finally:
         for h in hooks: h.remove()
     start = {n: i for i, n in enumerate(order)}
@@ -74,44 +74,44 @@ def test_early_stop_equals_full_forward(tiny, data):
 def test_stop_that_would_miss_a_recording_raises(tiny):
     "A wrong execution order (here planted) makes the forward stop too early: the engine refuses, and restores."
     m, z, t, encs = tiny
-    info = _unet_info(m.unet)
-    before = attached(m.unet)
+    info = _unet_info(m.denoiser)
+    before = attached(m.denoiser)
     swapped = [(n, k) for n, k in info.events]
     i, j = swapped.index(("down_blocks.0", "post")), swapped.index(("up_blocks.1", "post"))
     swapped[i], swapped[j] = swapped[j], swapped[i]           # claims up_blocks.1 ends before down_blocks.0
-    _UNET_INFO[m.unet] = _UNetInfo(info.shapes, swapped)
+    _UNET_INFO[m.denoiser] = _UNetInfo(info.shapes, swapped)
     try:
         with pytest.raises(RuntimeError, match="without reaching.*up_blocks.1.*need_output=True"):
             _run(m, z, t, encs, layers=["down_blocks.0", "up_blocks.1"], need_output=False)
         _, c = _run(m, z, t, encs, layers=["down_blocks.0", "up_blocks.1"])    # no stop asked: fine
         assert list(c) == ["down_blocks.0", "up_blocks.1"]
-    finally: _UNET_INFO[m.unet] = info
-    assert attached(m.unet) == before
+    finally: _UNET_INFO[m.denoiser] = info
+    assert attached(m.denoiser) == before
 
 
 def test_failure_inside_a_stopped_forward_propagates(tiny):
     m, z, t, encs = tiny
-    before = attached(m.unet)
-    boom = m.unet.mid_block.register_forward_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("planted")))
+    before = attached(m.denoiser)
+    boom = m.denoiser.mid_block.register_forward_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("planted")))
     try:
         with pytest.raises(RuntimeError, match="planted"):
             _run(m, z, t, encs, layers=["up_blocks.1"], cross_attention=True, need_output=False)
     finally: boom.remove()
-    assert attached(m.unet) == before
+    assert attached(m.denoiser) == before
 
 
 def test_nested_captures_chain_and_restore(tiny):
     "Three captures of one attn2, nested: every level records every call made inside it; each restores what it found."
     m, z, t, encs = tiny
     name = "up_blocks.1.attentions.1.transformer_blocks.0.attn2"
-    mod = m.unet.get_submodule(name)
+    mod = m.denoiser.get_submodule(name)
     original = mod.processor
     ctx = torch.cat([e.embeddings for e in encs]).repeat(2, 1, 1)
-    call = lambda: m.unet(z, t, encoder_hidden_states=ctx)
-    with torch.no_grad(), capture(m.unet, cross_attention=[name]) as a:
+    call = lambda: m.denoiser(z, t, encoder_hidden_states=ctx)
+    with torch.no_grad(), capture(m.denoiser, cross_attention=[name]) as a:
         level_a = mod.processor
         call()
-        with capture(m.unet, cross_attention=[name], with_lse=True) as b:
+        with capture(m.denoiser, cross_attention=[name], with_lse=True) as b:
             level_b = mod.processor
             _, c = _run(m, z, t, encs, cross_attention=[name], need_output=False)
             assert mod.processor is level_b
@@ -125,7 +125,7 @@ def test_nested_captures_chain_and_restore(tiny):
 def test_a_foreign_processor_is_restored_not_chained(tiny):
     m, z, t, encs = tiny
     name = "mid_block.attentions.0.transformer_blocks.0.attn2"
-    mod = m.unet.get_submodule(name)
+    mod = m.denoiser.get_submodule(name)
     original = mod.processor
     seen = []
     class Mine(type(original)):
@@ -143,7 +143,7 @@ def test_unet_measurement_lives_with_the_unet():
     m = load_model("tiny")
     list_layers(m)
     n = len(_UNET_INFO)
-    assert m.unet in _UNET_INFO and "_layer_shapes" not in vars(m)
+    assert m.denoiser in _UNET_INFO and "_layer_shapes" not in vars(m)
     del m
     gc.collect()
     assert len(_UNET_INFO) == n - 1
@@ -157,7 +157,7 @@ def test_forward_batch_over_run_with_cache(tiny):
     prompts = [["a cat"], ["a dog", "grassland and sky"], ["a cat"]]
     attn = resolve_layers(m, "up_blocks.1", cross_attention_only=True)
     calls = []
-    h = m.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    h = m.denoiser.register_forward_pre_hook(lambda *a: calls.append(1))
     try:
         caches = forward_batch(m, pixels, prompts, 300, ["up_blocks.1.resnets.2"], attn, read="input", seed=2,
                                with_lse=True, image_hw=[(50, 60)] * 3)

@@ -71,7 +71,7 @@ def test_same_settings_resume_and_log_each_step_once(tmp_path, monkeypatch):
     assert steps_logged(cut) == list(range(6))
     assert (cut / "loss.csv").read_text() == (full / "loss.csv").read_text()
     a, b = load_shapes(full / "shapes.safetensors"), load_shapes(cut / "shapes.safetensors")
-    for (k, va), vb in zip(a.unet.state_dict().items(), b.unet.state_dict().values()): assert torch.equal(va, vb), k
+    for (k, va), vb in zip(a.denoiser.state_dict().items(), b.denoiser.state_dict().values()): assert torch.equal(va, vb), k
 
 def test_a_restart_before_the_first_checkpoint_starts_the_log_again(tmp_path):
     (tmp_path / "loss.csv").write_text("step,loss,mse,grounding,lr\n0,1,1,1,1\n1,1,1,1,1\n")   # a run killed before state.pt

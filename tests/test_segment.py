@@ -214,5 +214,5 @@ def test_sd_feature_levels_are_the_authors(tiny):
     # at SD's 512 px the three inputs are 8x8, 16x16 and 32x32 (the latent is 64x64); on tiny's 8x8 latent: 1, 2, 4
     cache = cfg.capture_spec.probe(tiny, noise_image(), "cat")
     assert [tuple(cache.feats[l].shape[-2:]) for l in levels] == [(1, 1), (2, 2), (4, 4)]
-    unet = tiny.unet
+    unet = tiny.denoiser
     assert [cache.feats[l].shape[3] for l in levels] == [unet.get_submodule(l).conv1.in_channels for l in levels]

@@ -29,7 +29,7 @@ def test_resume_from_interruption(tmp_path, monkeypatch):
     monkeypatch.setattr(S, "make_scene", real)
     train_shapes(cut, steps=6, batch_size=4, warmup=2, ckpt_every=3, progress=False)
     a, b = load_shapes(full / "shapes.safetensors"), load_shapes(cut / "shapes.safetensors")
-    for (k, va), vb in zip(a.unet.state_dict().items(), b.unet.state_dict().values()): assert torch.equal(va, vb), k
+    for (k, va), vb in zip(a.denoiser.state_dict().items(), b.denoiser.state_dict().values()): assert torch.equal(va, vb), k
 
 def test_training_prompts_name_the_right_words():
     rng = np.random.default_rng(0)

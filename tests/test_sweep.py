@@ -19,12 +19,12 @@ def shapes(): return load_model("shapes")
 def scenes(): return make_scenes(6, seed=12345)            # held out: training never uses seed 12345
 
 class CallCounter:
-    "Counts UNet forward calls (a pre-hook on model.unet) and the batch size of each."
-    def __init__(self, unet): self.unet, self.batches = unet, []
+    "Counts UNet forward calls (a pre-hook on model.denoiser) and the batch size of each."
+    def __init__(self, unet): self.denoiser, self.batches = unet, []
     def __enter__(self):
         from md_probe.engine import _unet_info
-        _unet_info(self.unet)   # the engine's one-time measurement of a UNet (a small dummy forward) is not a probe's call
-        self.h = self.unet.register_forward_pre_hook(lambda m, a, kw: self.batches.append((a[0] if a else kw["sample"]).shape[0]),
+        _unet_info(self.denoiser)   # the engine's one-time measurement of a UNet (a small dummy forward) is not a probe's call
+        self.h = self.denoiser.register_forward_pre_hook(lambda m, a, kw: self.batches.append((a[0] if a else kw["sample"]).shape[0]),
                                                      with_kwargs=True)
         return self
     def __exit__(self, *exc): self.h.remove()
@@ -33,18 +33,18 @@ class CallCounter:
 
 # ---------- UNet calls and the disk cache ----------
 def test_one_unet_call_per_image_with_all_timesteps_batched(shapes, scenes):
-    before = attached(shapes.unet)
-    with CallCounter(shapes.unet) as c:
+    before = attached(shapes.denoiser)
+    with CallCounter(shapes.denoiser) as c:
         sweep(shapes, scenes, LAYERS, [0, 50, 300], progress=False)
     assert c.n == len(scenes) and c.batches == [3] * len(scenes)
-    assert attached(shapes.unet) == before                       # no hook left behind
+    assert attached(shapes.denoiser) == before                       # no hook left behind
 
 def test_cached_rerun_with_another_k_makes_no_unet_call(shapes, scenes, tmp_path):
-    with CallCounter(shapes.unet) as c:
+    with CallCounter(shapes.denoiser) as c:
         a = sweep(shapes, scenes, LAYERS, [0, 200], k="gt", cache_dir=tmp_path, progress=False)
     assert c.n == len(scenes)
     assert len(list(tmp_path.glob("*.safetensors"))) == len(scenes)
-    with CallCounter(shapes.unet) as c:
+    with CallCounter(shapes.denoiser) as c:
         b = sweep(shapes, scenes, LAYERS, [0, 200], k=2, cache_dir=tmp_path, progress=False)
         d = sweep(shapes, scenes, LAYERS[1:], [200], k=5, protocol="dataset", cache_dir=tmp_path, progress=False)
         s = sweep(shapes, scenes, ["mid_block"], [0], method="spectral", k=None, cache_dir=tmp_path, progress=False)
@@ -58,10 +58,10 @@ def test_cache_misses_on_other_weights_and_grows_on_new_layers(shapes, scenes, t
     rnd = load_model("shapes-random")
     assert model_fingerprint(rnd) != model_fingerprint(shapes)
     sweep(shapes, scenes[:2], ["mid_block"], [0], cache_dir=tmp_path, progress=False)
-    with CallCounter(rnd.unet) as c:
+    with CallCounter(rnd.denoiser) as c:
         sweep(rnd, scenes[:2], ["mid_block"], [0], cache_dir=tmp_path, progress=False)
     assert c.n == 2                                              # another model's features are never served
-    with CallCounter(shapes.unet) as c:
+    with CallCounter(shapes.denoiser) as c:
         sweep(shapes, scenes[:2], ["mid_block", "up_blocks.2"], [0, 100], cache_dir=tmp_path, progress=False)
         sweep(shapes, scenes[:2], ["up_blocks.2"], [100], cache_dir=tmp_path, progress=False)
         sweep(shapes, scenes[:2], ["mid_block"], [0], cache_dir=tmp_path, progress=False)

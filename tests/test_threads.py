@@ -29,14 +29,14 @@ def test_threads_probing_one_model_get_what_they_would_alone(shapes):
     scenes = make_scenes(4, seed=3)
     kw = dict(timesteps=[0, 50], layers=["up_blocks.1"], cross_attention=True, self_attention=True)
     alone = [probe(shapes, s.image, s.prompt(), **kw) for s in scenes]
-    before, procs = attached(shapes.unet), {k: id(v) for k, v in shapes.unet.attn_processors.items()}
+    before, procs = attached(shapes.denoiser), {k: id(v) for k, v in shapes.denoiser.attn_processors.items()}
     got = _run_threads(lambda i: [probe(shapes, scenes[i % 4].image, scenes[i % 4].prompt(), **kw) for _ in range(3)], 4)
     for i, caches in got.items():
         for c in caches:
             assert list(c) == list(alone[i % 4])
             for k in c: torch.testing.assert_close(c[k], alone[i % 4][k], rtol=0, atol=0)
-    assert attached(shapes.unet) == before
-    assert {k: id(v) for k, v in shapes.unet.attn_processors.items()} == procs
+    assert attached(shapes.denoiser) == before
+    assert {k: id(v) for k, v in shapes.denoiser.attn_processors.items()} == procs
 
 def test_threads_segmenting_one_model(shapes):
     scenes = make_scenes(3, seed=5)

@@ -15,7 +15,7 @@ GEN = dict(num_inference_steps=3, height=64, width=64)
 
 def make_pipe(m, scheduler=None):
     from diffusers import StableDiffusionPipeline
-    p = StableDiffusionPipeline(unet=m.unet, vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer,
+    p = StableDiffusionPipeline(unet=m.denoiser, vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer,
                                 scheduler=scheduler or m.scheduler, safety_checker=None, feature_extractor=None,
                                 requires_safety_checker=False)
     p.set_progress_bar_config(disable=True)
@@ -26,7 +26,7 @@ def make_pipe(m, scheduler=None):
 def sharp_pipe():
     "A copy of the tiny model (2/4/8/8 heads per level) with sharpened cross-attention: to_q x 40."
     m = load_model("tiny")
-    for n, mod in m.unet.named_modules():
+    for n, mod in m.denoiser.named_modules():
         if n.endswith("attn2"): mod.to_q.weight.data *= 40
     return make_pipe(m)
 
@@ -120,7 +120,7 @@ def test_default_word_attention_unchanged():
 def test_trace_branches_and_restore():
     m = load_model("tiny")
     pipe = make_pipe(m)
-    before = {k: attached(v) for k, v in (("unet", m.unet), ("text", m.text_encoder), ("vae", m.vae))}
+    before = {k: attached(v) for k, v in (("unet", m.denoiser), ("text", m.text_encoder), ("vae", m.vae))}
     caches = {}
     for branch in ("cond", "uncond", "both"):
         with trace(pipe, layers="up_blocks.2.resnets.1", branch=branch) as caches[branch]:
@@ -139,7 +139,7 @@ def test_trace_branches_and_restore():
             boom = m.vae.decoder.register_forward_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("planted")))
             try: pipe(PROMPT, **GEN)
             finally: boom.remove()
-    after = {k: attached(v) for k, v in (("unet", m.unet), ("text", m.text_encoder), ("vae", m.vae))}
+    after = {k: attached(v) for k, v in (("unet", m.denoiser), ("text", m.text_encoder), ("vae", m.vae))}
     assert after == before
     with pytest.raises(RuntimeError, match="recorded no UNet call"):
         with trace(pipe): pass
@@ -155,13 +155,13 @@ def test_trace_own_loop_without_guidance():
     with trace(m, layers="mid_block") as c:
         with torch.no_grad():
             for t in m.scheduler.timesteps:
-                z = m.scheduler.step(m.unet(z, t, encoder_hidden_states=enc.embeddings).sample, t, z).prev_sample
+                z = m.scheduler.step(m.denoiser(z, t, encoder_hidden_states=enc.embeddings).sample, t, z).prev_sample
     assert c.timesteps == m.scheduler.timesteps.tolist() and not c.meta["guided"] and c.images == []
     assert c.prompts[0].words == []                    # the text encoder ran before the block: words unknown ...
     with pytest.raises(KeyError, match="its words are"): c.word_attention("grassland")
     with trace(m, guidance=False, prompt="a cat and grassland") as named:   # ... unless the prompt is given
         with torch.no_grad():
-            for t in m.scheduler.timesteps: m.unet(z, t, encoder_hidden_states=enc.embeddings)
+            for t in m.scheduler.timesteps: m.denoiser(z, t, encoder_hidden_states=enc.embeddings)
     assert named.prompts[0].positions("grassland") == enc.positions("grassland")
     assert named.word_attention("grassland", aggregate="daam").shape == (8, 8)
     assert c.features("mid_block", t=c.timesteps[0]).shape == (64, 1, 1)
