@@ -466,5 +466,5 @@ def run_with_cache(model:DiffusionModel, # the model (left exactly as it was)
     cache = ProbeCache.from_rows((len(ts), B, P), store.features, store.attention, store.lse, store.self_attention, store.renorm,
                                  timesteps=ts, prompts=[replace(e, embeddings=None) for e in prompts or []],
                                  latent_hw=lat, image_hw=list(image_hw or [hw] * B), content_hw=tuple(content_hw or hw),
-                                 read=read, meta=dict(model=model.name, family=model.family, vae_scale=vs) | dict(meta or {}), images=list(images or []))
+                                 read=read, meta=dict(model=model.name, family=model.family, vae_scale=vs, heads="kept" if heads or with_lse else "averaged") | dict(meta or {}), images=list(images or []))
     return (torch.cat(outs) if need_output else None), cache
