@@ -6,7 +6,7 @@
 from __future__ import annotations
 import torch
 from .models import (Backbone, DiffusionModel, PromptEncoding, tokenize_prompt, clip_bpe_tokenizer, TINY_WORDS,
-                             _seeded, _native_size)
+                             _seeded, _native_size, first_tensor)
 
 # %% auto #0
 __all__ = ['SDXL_UNET_CONFIG', 'SDXL', 'tiny_sdxl', 'default_layers', 'sdxl_unet_meta']
@@ -88,6 +88,16 @@ class SDXL(Backbone):
         denoiser(z(1, c.in_channels, side, side), 0, z(1, 2, c.cross_attention_dim),
                  added_cond_kwargs=dict(text_embeds=z(1, d_text), time_ids=z(1, 6)))
         return (side, side)
+
+    def image_stream(self, name:str, module, x, token_hw:tuple)->torch.Tensor:
+        """A module's output as image features (B, C, h, w). Token sequences (B, N, C) inside the UNet sit at the grid of
+        their level: `token_hw` (the latent's) halved, rounding up as the UNet's stride-2 convolutions do, until it holds N."""
+        x = first_tensor(x)
+        if x.ndim != 3: return x
+        (h, w), n = token_hw, x.shape[1]
+        while h * w > n: h, w = -(-h // 2), -(-w // 2)
+        if h * w != n: raise ValueError(f"{name}: {n} tokens are no level of the {token_hw} latent grid.")
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
 
     def from_pipeline(self, pipe, name:str|None=None)->DiffusionModel:
         "A `DiffusionModel` over a `StableDiffusionXLPipeline`'s own components (CLIP-G and its tokenizer in `extra`)."

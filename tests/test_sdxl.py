@@ -177,3 +177,52 @@ def test_capture_restores_on_error(m):
             assert attached(m.denoiser) != before
             raise RuntimeError("boom")
     assert attached(m.denoiser) == before
+
+def test_list_layers_every_level(m):
+    "Every attention module is listed at its level's grid (8x8, 4x4, 2x2 for a 64 px image), with its relations."
+    from md_probe.engine import list_layers
+    rows = list_layers(m, pattern="*attn2")
+    assert len(rows) == 17 and all(r.relations == ("text->image",) for r in rows)
+    grid = {r.name: r.resolution for r in rows}
+    assert grid["down_blocks.1.attentions.0.transformer_blocks.0.attn2"] == (4, 4)
+    assert grid["mid_block.attentions.0.transformer_blocks.1.attn2"] == (2, 2)
+    assert grid["up_blocks.1.attentions.2.transformer_blocks.0.attn2"] == (4, 4)
+    assert list_layers(m, image_size=128, pattern="up_blocks.0.resnets.2")[0].resolution == (4, 4)
+
+def test_probe_and_default_layers(m):
+    "probe on an image with the default layers; its maps equal a recomputation from the attention module's input."
+    import numpy as np
+    from md_probe.probe import probe
+    img = (np.random.RandomState(0).rand(64, 96, 3) * 255).astype(np.uint8)
+    d = default_layers(m.denoiser)
+    name = "up_blocks.0.attentions.2.transformer_blocks.1.attn2"
+    mod = dict(m.denoiser.named_modules())[name]
+    seen = []
+    h = mod.register_forward_pre_hook(lambda mod, a, k: seen.append((a[0] if a else k["hidden_states"], k["encoder_hidden_states"])), with_kwargs=True)
+    try: c = probe(m, img, PROMPT, timesteps=[0, 500], layers=d["feature_layers"], cross_attention=d["attention_layers"],
+                   read="input", image_size=64)
+    finally: h.remove()
+    assert c.timesteps == [0, 500]
+    (x, ctx), = seen
+    with torch.no_grad(): ref = _reference_probs(mod, x, ctx)          # rows: t = 0, t = 500
+    for i, t in enumerate((0, 500)):
+        got = c.attention(name, t)
+        assert got.shape[-2:] == (4, 77)
+        assert (got.mean(0) - ref[i]).abs().max() <= 1e-5
+
+def test_trace_generation_cond_branch(m, pipe):
+    "trace records the conditional half of a guided SDXL generation: equal to a recomputation from the cond row."
+    from md_probe.trace import trace
+    name = "mid_block.attentions.0.transformer_blocks.0.attn2"
+    mod = dict(m.denoiser.named_modules())[name]
+    seen = []
+    h = mod.register_forward_pre_hook(lambda mod, a, k: seen.append((a[0] if a else k["hidden_states"], k["encoder_hidden_states"])), with_kwargs=True)
+    try:
+        with trace(pipe, cross_attention=[name]) as cache:
+            pipe(PROMPT, num_inference_steps=2, guidance_scale=5.0, height=64, width=64, output_type="latent")
+    finally: h.remove()
+    assert len(seen) == 2 and seen[0][0].shape[0] == 2
+    for (x, ctx), t in zip(seen, cache.timesteps):
+        with torch.no_grad(): ref = _reference_probs(mod, x, ctx)
+        got = cache.attention(name, t).mean(0)
+        assert (got - ref[1]).abs().max() <= 1e-5 and (got - ref[0]).abs().max() > 1e-4
