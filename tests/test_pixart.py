@@ -136,17 +136,22 @@ def _reference_probs(attn, x, ctx, mask):
     if mask is not None: logits = logits + mask.view(B, 1, 1, -1)
     return logits.softmax(-1)
 
-def test_capture_equals_independent_recomputation(m):
+@pytest.mark.parametrize("heads", [True, False])
+def test_capture_equals_independent_recomputation(m, heads):
     enc = m.encode_prompt(PROMPT)
     x = torch.randn(2, 4, 8, 6, generator=torch.Generator().manual_seed(2))
     t = torch.tensor([5, 700])
     ctx, mask = enc.embeddings.expand(2, -1, -1), enc.extra["encoder_attention_mask"].expand(2, -1)
     run = lambda: m.backbone.denoise(m.denoiser, x, t, ctx, encoder_attention_mask=mask)
     names = ["transformer_blocks.1.attn2", "transformer_blocks.0.attn1"]
+    block, raw = m.denoiser.transformer_blocks[1], []
     with torch.no_grad():
-        seen, ref_out = _attn_inputs(m, names, run)
+        h = block.register_forward_hook(lambda mod, a, out: raw.append(out))
+        try: seen, ref_out = _attn_inputs(m, names, run)
+        finally: h.remove()
         before = attached(m.denoiser)
-        with capture(m.denoiser, features=["transformer_blocks.1"], cross_attention=names[:1], self_attention=names[1:]) as st:
+        with capture(m.denoiser, features=["transformer_blocks.1"], cross_attention=names[:1], self_attention=names[1:],
+                     heads=heads) as st:
             out = run()
     assert attached(m.denoiser) == before
     assert (out - ref_out).abs().max() <= 1e-5 * ref_out.abs().max()
@@ -155,18 +160,21 @@ def test_capture_equals_independent_recomputation(m):
     assert bias is not None and bias.shape == (2, 1, 300)              # the mask arrives as an additive bias
     p_ref = _reference_probs(mods[names[0]], hs, ehs, (1 - mask.float()) * -10000.0)
     p = st.attention[names[0]][0]
-    assert p.shape == (2, 3, 12, 300)
+    if not heads: p_ref = p_ref.mean(1, keepdim=True)                  # heads averaged on the fly
+    assert p.shape == (2, 3 if heads else 1, 12, 300)
     assert (p - p_ref).abs().max() <= 1e-5
     n = int(enc.attention_mask.sum())
     assert p[..., n:].max() == 0 and (p.sum(-1) - 1).abs().max() <= 1e-5   # padding gets zero mass
     s_ref = _reference_probs(mods[names[1]], *seen[names[1]][:2], None).mean(1)
     assert (st.self_attention[names[1]][0] - s_ref).abs().max() <= 1e-5
-    # block features are (B, N, C) tokens, row-major over the (h/2, w/2) grid
-    f = st.features["transformer_blocks.1"][0]
+    # block outputs are (B, N, C) tokens, row-major over the (h/2, w/2) grid; capture gives them as (B, C, h, w)
+    (f,) = raw
     grid = m.backbone.token_grid(m.denoiser, x.shape[-2:])
-    assert grid == (4, 3) and f.shape == (2, 12, 24)
-    img = m.backbone.image_stream("transformer_blocks.1", mods["transformer_blocks.1"], f, grid)
-    assert torch.equal(img[:, :, 1, 2], f[:, 1 * 3 + 2])
+    img = st.features["transformer_blocks.1"][0]
+    assert grid == (4, 3) and f.shape == (2, 12, 24) and img.shape == (2, 24, 4, 3)
+    close = lambda a, b: (a - b).abs().max() <= 1e-5 * b.abs().max()   # capture's own softmax: rounding differs
+    assert close(img[:, :, 1, 2], f[:, 1 * 3 + 2]) and close(img.flatten(2).transpose(1, 2), f)
+    assert not close(img[:, :, 2, 1], f[:, 1 * 3 + 2])
 
 def test_capture_restores_on_error(m):
     enc = m.encode_prompt(PROMPT)
@@ -191,8 +199,13 @@ def test_shapes_layers_and_defaults(m):
     assert m.backbone.relations("transformer_blocks.0.attn2", m.denoiser.transformer_blocks[0].attn2) == ("text->image",)
     assert m.backbone.relations("transformer_blocks.0.attn1", m.denoiser.transformer_blocks[0].attn1) == ("image->image",)
     table = pixart_layer_table()
-    assert len(table) == 3 * PIXART_SIGMA_XL2["num_layers"] and {r["grid"] for r in table} == {(64, 64)}
-    assert {r["width"] for r in table} == {1152}
+    assert len(table) == 3 * PIXART_SIGMA_XL2["num_layers"] and {l.resolution for l in table} == {(64, 64)}
+    assert {l.channels for l in table} == {1152}
+    assert [l.relations for l in table[:3]] == [(), ("image->image",), ("text->image",)]
+    from md_probe.engine import list_layers
+    tiny = list_layers(m)
+    assert [l.name for l in tiny if l.cross_attention] == ["transformer_blocks.0.attn2", "transformer_blocks.1.attn2"]
+    assert {l.resolution for l in tiny} == {(4, 4)}
     d = default_layers(m.denoiser)
     assert d["feature_layers"] == ("transformer_blocks.0", "transformer_blocks.1") and d["read"] == "output"
     mods = dict(m.denoiser.named_modules())
