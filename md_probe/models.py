@@ -340,6 +340,11 @@ class Backbone:
         "(h, w) of the image tokens the denoiser's attention sees for a latent of `latent_hw` (the UNet: the latent)."
         return tuple(latent_hw)
 
+    def call_grid(self, denoiser, args:tuple, kwargs:dict)->tuple:
+        "The image-token grid (h, w) of one denoiser call, from the arguments it received (its first: the latent)."
+        x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        return self.token_grid(denoiser, tuple(x.shape[-2:]))
+
     def stride(self, model)->int:
         "Image sizes must be multiples of this."
         return model.vae_scale * 2 ** (len(model.denoiser.config.block_out_channels) - 1)

@@ -360,7 +360,7 @@ class MaskDiffusionConfig(MethodConfig):
     keep_aspect: bool = False     # keep the image's aspect ratio (pad) instead of resizing to a square
     image_size: int|None = None   # input size (default: the model's native size)
     batch_size: int|None = None   # rows per UNet call (default: all images in one call)
-    _layers = {"feature_layers": {}, "attention_layers": dict(cross_attention_only=True)}
+    _layers = {"feature_layers": {}, "attention_layers": dict(relation="text->image")}
 
     def __post_init__(self):
         self._check_layers("feature_layers"); self._check_layers("attention_layers")
