@@ -131,3 +131,108 @@ def test_builtin_and_seeded():
     a, b = load_model("tiny-sd3"), tiny_sd3()
     for (k, x), y in zip(a.denoiser.state_dict().items(), b.denoiser.state_dict().values()): assert torch.equal(x, y), k
     assert a.denoiser.config.dual_attention_layers == (0,) and a.denoiser.config.qk_norm == "rms_norm"
+
+# -- joint-attention capture ---------------------------------------------------------------------------------------
+from md_probe.engine import capture, attached, CaptureStore
+
+def _inputs(m, n=2):
+    g = torch.Generator().manual_seed(1)
+    enc = m.encode_prompt(PROMPT)
+    x = torch.randn(n, 16, 16, 16, generator=g)   # the latent of a 64 px image: 8x8 image tokens (patch 2)
+    return x, torch.tensor([700.0] * n), enc.embeddings.repeat(n, 1, 1), enc.extra["pooled_projections"].repeat(n, 1)
+
+def _run(m, x, t, ctx, pooled):
+    with torch.no_grad(): return m.backbone.denoise(m.denoiser, x, t, ctx, pooled_projections=pooled)
+
+def _rms(x, w, eps):   # RMSNorm from its definition
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+def _reference(attn, hs, ehs):
+    "Joint attention probabilities (B, heads, S, S) of an SD3 Attention from its own weights, the full softmax."
+    H = attn.heads
+    split = lambda y: y.view(y.shape[0], -1, H, y.shape[-1] // H).transpose(1, 2)
+    q, k = split(hs @ attn.to_q.weight.T + attn.to_q.bias), split(hs @ attn.to_k.weight.T + attn.to_k.bias)
+    if attn.norm_q is not None: q, k = _rms(q, attn.norm_q.weight, attn.norm_q.eps), _rms(k, attn.norm_k.weight, attn.norm_k.eps)
+    if ehs is not None:
+        cq = split(ehs @ attn.add_q_proj.weight.T + attn.add_q_proj.bias)
+        ck = split(ehs @ attn.add_k_proj.weight.T + attn.add_k_proj.bias)
+        if attn.norm_added_q is not None:
+            cq, ck = _rms(cq, attn.norm_added_q.weight, attn.norm_added_q.eps), _rms(ck, attn.norm_added_k.weight, attn.norm_added_k.eps)
+        q, k = torch.cat([q, cq], 2), torch.cat([k, ck], 2)   # [image, text]
+    return ((q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5).softmax(-1)
+
+def _module_inputs(m, names, inputs):
+    "Each attention module's (hidden_states, encoder_hidden_states) in a plain forward."
+    seen, mods = {}, dict(m.denoiser.named_modules())
+    def pre(n):
+        def f(mod, a, kw): seen.setdefault(n, (kw["hidden_states"] if "hidden_states" in kw else a[0], kw.get("encoder_hidden_states")))
+        return f
+    hs = [mods[n].register_forward_pre_hook(pre(n), with_kwargs=True) for n in names]
+    try: _run(m, *inputs)
+    finally:
+        for h in hs: h.remove()
+    return seen
+
+JOINT, DUAL = ["transformer_blocks.0.attn", "transformer_blocks.3.attn"], "transformer_blocks.0.attn2"
+
+@pytest.mark.parametrize("heads", [True, False])
+def test_recorded_attention_equals_reference(m, heads):
+    inputs = _inputs(m)
+    want_out = _run(m, *inputs)
+    seen = _module_inputs(m, JOINT + [DUAL], inputs)
+    mods = dict(m.denoiser.named_modules())
+    assert mods[JOINT[1]].context_pre_only and seen[DUAL][1] is None
+    with capture(m.denoiser, cross_attention=JOINT, self_attention=JOINT + [DUAL], heads=heads, backbone=m.backbone) as st:
+        got_out = _run(m, *inputs)
+    torch.testing.assert_close(got_out, want_out, rtol=1e-5, atol=1e-6)   # recording changes nothing
+    N = 64
+    avg = (lambda p: p) if heads else (lambda p: p.mean(1, keepdim=True))
+    for n in JOINT:
+        with torch.no_grad(): P = _reference(mods[n], *seen[n])
+        assert P.shape == (2, 4, N + 333, N + 333)
+        t2i = P[:, :, :N, N:]
+        assert 0.01 < t2i.sum(-1).mean() < 0.99                       # a block of the joint softmax, rows not summing to 1
+        torch.testing.assert_close(st.attention[n][0], avg(t2i), rtol=0, atol=1e-5)
+        txt = t2i / t2i.sum(-1, keepdim=True)                         # softmax over the text keys only, per head
+        torch.testing.assert_close(st.renorm[n][0], avg(txt), rtol=0, atol=1e-5)
+        i2i = P[:, :, :N, :N]
+        torch.testing.assert_close(st.self_attention[n][0], (i2i / i2i.sum(-1, keepdim=True)).mean(1), rtol=0, atol=1e-5)
+    with torch.no_grad(): P2 = _reference(mods[DUAL], *seen[DUAL])
+    assert P2.shape == (2, 4, N, N)
+    torch.testing.assert_close(st.self_attention[DUAL][0], P2.mean(1), rtol=0, atol=1e-5)
+
+def test_word_maps_in_both_streams(m):
+    "A multi-token word's positions select the right columns of the text axis in each stream."
+    inputs, enc = _inputs(m, 1), m.tokenize(PROMPT)
+    seen = _module_inputs(m, [JOINT[1]], inputs)
+    with capture(m.denoiser, cross_attention=[JOINT[1]], heads=True, backbone=m.backbone) as st: _run(m, *inputs)
+    with torch.no_grad(): P = _reference(dict(m.denoiser.named_modules())[JOINT[1]], *seen[JOINT[1]])
+    for s, width in (("clip", 3), ("t5", 2)):
+        pos = enc.positions("cats", s)
+        assert len(pos) == width
+        torch.testing.assert_close(st.attention[JOINT[1]][0][..., pos], P[:, :, :64, [64 + p for p in pos]], rtol=0, atol=1e-5)
+
+def test_attn2_is_not_text_attention(m):
+    with pytest.raises(ValueError, match="text->image"):
+        with capture(m.denoiser, cross_attention=[DUAL], backbone=m.backbone): pass
+
+def test_model_restored_also_on_error(m):
+    before = attached(m.denoiser)
+    procs = {n: type(mod.processor).__name__ for n, mod in m.denoiser.named_modules() if hasattr(mod, "processor")}
+    assert set(procs.values()) == {"JointAttnProcessor2_0"}
+    with pytest.raises(RuntimeError, match="boom"):
+        with capture(m.denoiser, features=["transformer_blocks.1"], cross_attention=JOINT, self_attention=[DUAL],
+                     backbone=m.backbone):
+            _run(m, *_inputs(m, 1)); raise RuntimeError("boom")
+    assert attached(m.denoiser) == before
+
+def test_image_stream_feature_equals_forward_hook(m):
+    inputs, got = _inputs(m, 1), {}
+    blk = m.denoiser.transformer_blocks[1]
+    h = blk.register_forward_hook(lambda mod, a, out: got.update(x=out[1]))
+    try: _run(m, *inputs)
+    finally: h.remove()
+    with capture(m.denoiser, features=["transformer_blocks.1"], backbone=m.backbone) as st: _run(m, *inputs)
+    f = st.features["transformer_blocks.1"][0]
+    assert f.shape == (1, 32, 8, 8)
+    torch.testing.assert_close(f.flatten(2).transpose(1, 2), got["x"])
