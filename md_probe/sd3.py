@@ -6,7 +6,7 @@
 from __future__ import annotations
 import torch
 from .models import (Backbone, DiffusionModel, PromptEncoding, tokenize_prompt, join_streams, clip_bpe_tokenizer,
-                             TINY_WORDS, _seeded, _native_size)
+                              TINY_WORDS, _seeded, _native_size)
 from .engine import AttentionRecorder
 
 # %% auto #0
@@ -210,7 +210,7 @@ def tiny_sd3(t5:bool=True, # with the T5 encoder (False: the pipeline's zeros in
     return DiffusionModel(transformer, te, tok, _flow_scheduler(), vae, name="tiny-sd3" if t5 else "tiny-sd3-no-t5",
                           image_size=64, max_length=77, backbone=SD3(), extra=extra)
 
-# %% ../nbs/02c_sd3.ipynb #sd3c0018
+# %% ../nbs/02c_sd3.ipynb #sd3c0020
 def default_layers(denoiser)->dict:
     """MaskDiffusion's default layers for an SD3 transformer, by a stated rule (a starting point, not tuned on any
     benchmark): the image-stream outputs of the middle third of the joint blocks, the joint attention (text->image) of
