@@ -267,6 +267,9 @@ def word_attention(self:ProbeCache, word:str, # a word (or several consecutive w
     o = _aggregation(aggregate, dict(layers=layers, time=time, pool=pool, mode=mode, clamp=clamp, size=size,
                                      weights=weights, reduce=reduce))
     names = self._attention_layers(o["layers"])
+    if o["pool"] == "heads" and self.meta.get("heads") == "averaged":
+        raise ValueError("pool='heads' (and aggregate='daam') weighs every (layer, head) map once, but this cache's heads "
+                         "were averaged on the fly: probe or trace with heads=True.")
     p = self.prompt_of(word)
     pos = self.prompts[p].positions(word, stream)
     size = o["size"] or max((self.attention_hw(l) for l in names), key=lambda hw: hw[0] * hw[1])

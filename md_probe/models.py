@@ -361,10 +361,11 @@ class Backbone:
         return AttentionRecorder(name, **kw)
 
     def image_stream(self, name:str, module, x, token_hw:tuple)->torch.Tensor:
-        "A module's output (or input) as image features (B, C, h, w); token sequences (B, h*w, C) are reshaped."
+        "A module's output (or input) as image features (B, C, h, w); token sequences (B, h*w, C) are reshaped (row-major)."
         x = first_tensor(x)
-        if x.ndim == 3: x = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *token_hw)
-        return x
+        if x.ndim != 3: return x
+        r = round(math.sqrt(token_hw[0] * token_hw[1] / x.shape[1]))    # a UNet level: the call's grid / 2^level
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], token_hw[0] // r, token_hw[1] // r)
 
     # -- pipelines --------------------------------------------------------------------------------------------------
     def guidance(self, pipe)->str:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from fastcore.basics import patch
-from .models import DiffusionModel, tokenize_prompt, normalize_word, image_to_tensor
+from .models import DiffusionModel, _resolve, tokenize_prompt, normalize_word, image_to_tensor
 from .probe import probe, ProbeCache, resolve_layers
 from .sweep import default_grid
 from .utils import atomic_write
@@ -111,16 +111,19 @@ class ClassPrompts:
     prompts: list
     where: list  # per class: (prompt index, [token positions])
 
-def build_prompts(tokenizer, classes:list, max_length:int, joiner:str=" and ", template:str|None=None)->ClassPrompts:
-    "Join the class names into as few prompts as fit the window, and locate each class's tokens."
+def build_prompts(model, # anything with `tokenize(prompt) -> PromptEncoding`: a DiffusionModel
+                  classes:list, joiner:str=" and ", template:str|None=None,
+                  stream:str|None=None, # the text stream class tokens are read in (None: every stream that carries them)
+                 )->ClassPrompts:
+    "Join the class names into as few prompts as fit the text window(s), and locate each class's tokens."
     classes = check_classes(classes)
     fmt = template or "{}"
     if "{}" not in fmt: raise ValueError(f"template {template!r} has no '{{}}' for the class names.")
     chunks, cur = [], []
-    fits = lambda names: _try_tokenize(tokenizer, fmt.format(joiner.join(names)), max_length) is not None
+    fits = lambda names: _try_tokenize(model, fmt.format(joiner.join(names))) is not None
     for c in classes:
         if cur and not fits(cur + [c]): chunks.append(cur); cur = []
-        if not fits([c]): raise ValueError(f"The class name {c!r} alone does not fit the text encoder's window of {max_length}.")
+        if not fits([c]): raise ValueError(f"The class name {c!r} alone does not fit the text encoder's window.")
         cur.append(c)
     chunks.append(cur)
     prompts, where = [], []
@@ -132,13 +135,13 @@ def build_prompts(tokenizer, classes:list, max_length:int, joiner:str=" and ", t
             spans.append((len(words), len(words) + len(c.split()))); words += c.split()
         words += after.split()
         prompt = " ".join(words)
-        enc = tokenize_prompt(tokenizer, prompt, max_length)
-        for s, e in spans: where.append((len(prompts), [p for p, w in enumerate(enc.token_words) if s <= w < e]))
+        enc = model.tokenize(prompt)
+        where += [(len(prompts), [p for p in enc._stream_range(stream) if s <= enc.token_words[p] < e]) for s, e in spans]
         prompts.append(prompt)
     return ClassPrompts(prompts, where)
 
-def _try_tokenize(tokenizer, prompt, max_length):
-    try: return tokenize_prompt(tokenizer, prompt, max_length)
+def _try_tokenize(model, prompt):
+    try: return model.tokenize(prompt)
     except ValueError: return None
 
 # %% ../nbs/05_segment.ipynb #e0dccc9d
@@ -244,12 +247,18 @@ FAMILY_DEFAULTS = {
     # cross-attention of the mid and up blocks (16x16 and 8x8), t = 50
     "shapes": dict(feature_layers=("up_blocks.1.resnets.1", "up_blocks.2.resnets.1"), read="input",
                    attention_layers=("mid_block.attentions.*.attn2", "up_blocks.*.attentions.*.attn2"), timestep=50),
+    # the other families choose by a rule stated on their own page, from the denoiser's architecture ("module:function",
+    # imported when first used): a starting point, not tuned on any benchmark
+    "sdxl": "md_probe.sdxl:default_layers", "pixart": "md_probe.pixart:default_layers",
+    "sd3": "md_probe.sd3:default_layers", "flux": "md_probe.flux:default_layers",
 }
 
 def family_defaults(model:DiffusionModel)->dict:
     "What `for_model` fills for `model`: the grid that suits its latent (`default_grid`), then its family's entry."
     g = default_grid(model)
-    return dict(grid=g, attention_grid=g) | FAMILY_DEFAULTS.get(model.family, {})
+    entry = FAMILY_DEFAULTS.get(model.family, {})
+    if isinstance(entry, str): entry = _resolve(entry)(model.denoiser)
+    return dict(grid=g, attention_grid=g) | entry
 
 # %% ../nbs/05_segment.ipynb #32272fe5
 @dataclass(frozen=True, kw_only=True)
@@ -346,7 +355,7 @@ class MaskDiffusionConfig(MethodConfig):
     feature_layers: tuple         # modules whose output (or input) are the pixel features
     attention_layers: tuple       # attn2 modules whose maps weight the representatives
     read: str = "output"          # read the feature layers' "output" or "input"
-    timestep: int = 0             # the noise timestep t of the UNet call
+    timestep: float = 0            # the noise timestep t of the UNet call
     grid: int = 32                # long side of the grid of the features and scores (see `grid_shape`)
     attention_grid: int = 32      # long side of the grid the attention layers are averaged on
     similarity: str = "cosine"    # "cosine" (paper) or "dot" (released code: unnormalised representative)
@@ -366,7 +375,7 @@ class MaskDiffusionConfig(MethodConfig):
         self._check_layers("feature_layers"); self._check_layers("attention_layers")
         self._check_choice("read", ("output", "input")); self._check_choice("similarity", ("cosine", "dot"))
         self._check_choice("attention", ("softmax", "exp_logits"))
-        for n in ("timestep", "seed"): self._check_number(n, 0, integer=True)
+        self._check_number("timestep", 0); self._check_number("seed", 0, integer=True)   # flow matching: float timesteps
         for n in ("grid", "attention_grid"): self._check_number(n, 1, integer=True)
         for n in ("image_size", "batch_size"): self._check_number(n, 1, integer=True, optional=True)
         self._check_number("weight_power", 0)
@@ -450,10 +459,10 @@ def where_in_cache(cache:ProbeCache, classes:list)->list:
         if not own:
             if not spans[c]:
                 raise KeyError(f"{c!r} is not a word of the cache's prompts {[e.prompt for e in cache.prompts]}: probe "
-                               f"the prompts that name every class (build_prompts(tokenizer, classes, max_length).prompts).")
+                               f"the prompts that name every class (build_prompts(model, classes).prompts).")
             longer = sorted({o for p, s, n in spans[c] for o in containing(c, p, s, n)})
             raise KeyError(f"{c!r} occurs in the cache's prompts only inside the longer class names {longer}: probe "
-                           f"prompts that also name it on its own (build_prompts(tokenizer, classes, max_length).prompts).")
+                           f"prompts that also name it on its own (build_prompts(model, classes).prompts).")
         p = own[0][0]                                     # its first prompt; repeats of its own name there are averaged
         words = {w for q, s, n in own if q == p for w in range(s, s + n)}
         out.append((p, [t for t, w in enumerate(cache.prompts[p].token_words) if w in words]))
@@ -469,7 +478,7 @@ def __call__(self:MaskDiffusion, image, # an image, a list of images (batched), 
     if isinstance(image, ProbeCache):
         cache, where = image, where_in_cache(image, classes)
     else:
-        cp = build_prompts(self.model.tokenizer, classes, self.model.max_length, c.joiner, c.template)
+        cp = build_prompts(self.model, classes, c.joiner, c.template)
         cache, where = c.capture_spec.probe(self.model, images, cp.prompts, c.batch_size), cp.where
     segs = [maskdiffusion_head(cache, classes, where, c, i) for i in range(len(cache.image_hw))]
     if not isinstance(image, ProbeCache):
@@ -493,7 +502,7 @@ def attention_argmax(model:DiffusionModel, image, classes,
                      **overrides)->Segmentation:
     "Baseline: argmax over the classes' normalised attention maps (MaskDiffusion's options apply)."
     c, classes = MaskDiffusionConfig.from_args(model, config, **overrides), check_classes(classes)
-    cp = build_prompts(model.tokenizer, classes, model.max_length, c.joiner, c.template)
+    cp = build_prompts(model, classes, c.joiner, c.template)
     cache = replace(c.capture_spec, layers=()).probe(model, [image], cp.prompts, c.batch_size)   # no features
     seg = attention_argmax_head(cache, classes, cp.where, c)
     seg.image = _u8(image)
@@ -539,7 +548,7 @@ class UnsupervisedConfig(MethodConfig):
     "Unsupervised MaskDiffusion's options (METHOD.md section 4), frozen; `for_model(model)` fills the model's defaults."
     feature_layers: tuple         # modules whose output (or input) are the pixel features
     read: str = "output"          # read the feature layers' "output" or "input"
-    timestep: int = 0             # the noise timestep t of the UNet call
+    timestep: float = 0            # the noise timestep t of the UNet call
     grid: int = 32                # long side of the grid the pixels are clustered on (see `grid_shape`)
     k: int|None = None            # segments per image, or None: the eigengap picks one in `k_range`
     k_range: tuple = (2, 12)      # the eigengap's candidate k (inclusive)
@@ -553,7 +562,7 @@ class UnsupervisedConfig(MethodConfig):
 
     def __post_init__(self):
         self._check_layers("feature_layers"); self._check_choice("read", ("output", "input"))
-        for n in ("timestep", "seed"): self._check_number(n, 0, integer=True)
+        self._check_number("timestep", 0); self._check_number("seed", 0, integer=True)   # flow matching: float timesteps
         self._check_number("grid", 1, integer=True)
         for n in ("k", "knn", "image_size"): self._check_number(n, 1, integer=True, optional=True)
         self._check_number("power", 0)
