@@ -236,3 +236,20 @@ def test_image_stream_feature_equals_forward_hook(m):
     f = st.features["transformer_blocks.1"][0]
     assert f.shape == (1, 32, 8, 8)
     torch.testing.assert_close(f.flatten(2).transpose(1, 2), got["x"])
+
+@pytest.mark.parametrize("branch,row", [("cond", 1), ("uncond", 0)])
+def test_trace_records_the_branch_asked_for(m, branch, row):
+    "Under guidance ([uncond, cond] halves) trace's maps equal a capture of that half of the same call."
+    from md_probe.trace import trace
+    p, calls, L, before = _pipe(m), [], JOINT[1], attached(m.denoiser)
+    h = m.denoiser.register_forward_pre_hook(lambda mod, a, kw: calls.append(dict(kw)), with_kwargs=True)
+    try:
+        with trace(p, cross_attention=[L], branch=branch) as c:
+            p(PROMPT, num_inference_steps=2, guidance_scale=3.0, height=64, width=64, output_type="latent",
+              generator=torch.Generator().manual_seed(0))
+    finally: h.remove()
+    assert attached(m.denoiser) == before
+    kw = {k: (v[row:row + 1] if isinstance(v, torch.Tensor) and v.ndim else v) for k, v in calls[1].items()}
+    with capture(m.denoiser, cross_attention=[L], backbone=m.backbone) as st, torch.no_grad(): m.denoiser(**kw)
+    assert c.timesteps[1] == pytest.approx(float(calls[1]["timestep"][0]))
+    torch.testing.assert_close(c.attention(L, step=1), st.attention[L][0][0], rtol=0, atol=1e-6)
