@@ -16,13 +16,16 @@ from .models import PromptEncoding, normalize_word
 from .utils import atomic_write
 
 # %% auto #0
-__all__ = ['AGGREGATIONS', 'CACHE_FORMAT', 'ProbeCache']
+__all__ = ['TIMESTEP_TOLERANCE', 'AGGREGATIONS', 'CACHE_FORMAT', 'ProbeCache']
 
 # %% ../nbs/01_cache.ipynb #69740982
 def _size_str(n): return f"{n/2**20:.1f} MB" if n >= 2**20 else f"{n/2**10:.1f} kB"
 
-_GROUPS = ("feats", "probs", "lse", "self_probs")   # the tensor fields, each {module name: (T, B, P, ...)}
-_KEYED = ("feats", "probs", "self_probs")           # the fields whose names are the mapping's keys, in key order
+_GROUPS = ("feats", "probs", "lse", "self_probs", "renorm")   # the tensor fields, each {module name: (T, B, P, ...)}
+_KEYED = ("feats", "probs", "self_probs")
+TIMESTEP_TOLERANCE = 0.01   # t= selects a recorded timestep within this (flow-matching timesteps are floats, e.g. 751.12)
+
+def _same_t(x, t)->bool: return abs(float(x) - float(t)) <= TIMESTEP_TOLERANCE           # the fields whose names are the mapping's keys, in key order
 
 @dataclass(kw_only=True, eq=False, repr=False)
 class ProbeCache(Mapping):
@@ -30,9 +33,10 @@ class ProbeCache(Mapping):
     timesteps: list = field(default_factory=list)   # scheduler timesteps of the T rows, in the order they were run
     prompts: list = field(default_factory=list)     # one PromptEncoding per prompt (ids, tokens, word alignment)
     feats: dict = field(default_factory=dict)       # layer -> (T, B, P, C, H, W)
-    probs: dict = field(default_factory=dict)       # attn2 layer -> (T, B, P, heads, h*w, tokens)
-    lse: dict = field(default_factory=dict)         # attn2 layer -> (T, B, P, heads, h*w) logsumexp of the logits
-    self_probs: dict = field(default_factory=dict)  # attn1 layer -> (T, B, P, h*w, h*w), averaged over heads
+    probs: dict = field(default_factory=dict)       # text->image layer -> (T, B, P, heads, h*w, tokens) (heads 1: averaged)
+    lse: dict = field(default_factory=dict)         # text->image layer -> (T, B, P, heads, h*w) logsumexp of the logits
+    self_probs: dict = field(default_factory=dict)  # image->image layer -> (T, B, P, h*w, h*w), averaged over heads
+    renorm: dict = field(default_factory=dict)      # joint-softmax layer -> as `probs`, the softmax over the text keys only
     latent_hw: tuple = (0, 0)                       # the latent grid (h, w)
     image_hw: list = field(default_factory=list)    # each input image's original (h, w)
     content_hw: tuple = (0, 0)                      # the image's part of the prepared input (the rest is padding)
@@ -74,13 +78,19 @@ class ProbeCache(Mapping):
     def __eq__(self, other): return self is other    # tensors have no single truth value: a cache equals itself
     __hash__ = object.__hash__
 
-    def _t(self, t)->int:
-        "Index of timestep `t` (None: the only one)."
+    def _t(self, t, step:int|None=None)->int:
+        "Row index of timestep `t` (within `TIMESTEP_TOLERANCE`), or of the `step`-th denoiser call (None: the only one)."
+        if step is not None:
+            if t is not None: raise ValueError("Pass t= (a timestep value) or step= (a row position), not both.")
+            if not -len(self.timesteps) <= step < len(self.timesteps):
+                raise IndexError(f"step={step}: the cache holds {len(self.timesteps)} timestep rows.")
+            return step % len(self.timesteps)
         if t is None:
             if len(self.timesteps) == 1: return 0
-            raise ValueError(f"Several timesteps were probed ({self.timesteps}): pass t=one of them.")
-        if t not in self.timesteps: raise KeyError(f"Timestep {t} was not probed; probed: {self.timesteps}.")
-        return self.timesteps.index(t)
+            raise ValueError(f"Several timesteps were probed ({self.timesteps}): pass t=one of them, or step=its position.")
+        hits = [i for i, x in enumerate(self.timesteps) if _same_t(x, t)]
+        if not hits: raise KeyError(f"Timestep {t} was not probed; probed: {self.timesteps} (or pass step=a position).")
+        return hits[0]
 
 # %% ../nbs/01_cache.ipynb #3bfd8ad3
 @patch
@@ -107,7 +117,7 @@ def _unknown_prompt()->PromptEncoding:
 @patch(cls_method=True)
 def from_rows(cls:ProbeCache, grid:tuple, # (T, B, P): timesteps x images x prompts that the rows fill, t-major
               feats:dict|None=None, # module name -> (T*B*P, ...) tensor, or a list of row blocks (one per call)
-              probs:dict|None=None, lse:dict|None=None, self_probs:dict|None=None, # as `feats`, for the other fields
+              probs:dict|None=None, lse:dict|None=None, self_probs:dict|None=None, renorm:dict|None=None, # as `feats`, for the other fields
               **fields)->ProbeCache: # timesteps (T of them), prompts, latent_hw, image_hw, content_hw, read, meta, images
     "THE cache builder: per-row tensors of one or several denoiser calls -> a `ProbeCache` with (T, B, P, ...) axes."
     T, B, P = grid
@@ -124,7 +134,7 @@ def from_rows(cls:ProbeCache, grid:tuple, # (T, B, P): timesteps x images x prom
                              "(rows are timestep-major, then image, then prompt).")
         x = _rows_to_maps(x, lat) if maps else x
         return x.reshape(T, B, P, *x.shape[1:])
-    groups = dict(feats=feats, probs=probs, lse=lse, self_probs=self_probs)
+    groups = dict(feats=feats, probs=probs, lse=lse, self_probs=self_probs, renorm=renorm)
     tensors = {g: {k: shaped(k, v, g == "feats") for k, v in (d or {}).items()} for g, d in groups.items()}
     return cls(timesteps=ts, prompts=prompts, **tensors, **fields)
 
@@ -141,16 +151,23 @@ def _layer(self:ProbeCache, layer, d, what):
 
 @patch
 def features(self:ProbeCache, layer:str, # a captured layer's name
-             t:int|None=None, # the timestep (optional when only one was probed)
-             image:int=0, prompt:int=0)->torch.Tensor:
+             t:float|None=None, # the timestep (optional when only one was probed)
+             image:int=0, prompt:int=0,
+             step:int|None=None, # or the timestep row's position (the n-th denoiser call)
+            )->torch.Tensor:
     "The (C, H, W) feature map of `layer` at timestep `t`."
-    return self.feats[self._layer(layer, self.feats, "features")][self._t(t), image, prompt]
+    return self.feats[self._layer(layer, self.feats, "features")][self._t(t, step), image, prompt]
 
 @patch
-def attention(self:ProbeCache, layer:str, # an attn2 module name
-              t:int|None=None, image:int=0, prompt:int=0)->torch.Tensor:
-    "Cross-attention probabilities of `layer` at `t`: (heads, h*w, tokens)."
-    return self.probs[self._layer(layer, self.probs, "attention")][self._t(t), image, prompt]
+def attention(self:ProbeCache, layer:str, # a text->image attention module's name
+              t:float|None=None, image:int=0, prompt:int=0,
+              renormalize:bool=False, # joint attention: the softmax over the text keys only (per head, then averaged as stored)
+              step:int|None=None, # or the timestep row's position (the n-th denoiser call)
+             )->torch.Tensor:
+    "Text->image attention of `layer` at `t`: (heads, h*w, text tokens); heads is 1 when they were averaged on the fly."
+    name = self._layer(layer, self.probs, "attention")
+    d = self.renorm if renormalize and name in self.renorm else self.probs   # cross-attention rows already sum to 1
+    return d[name][self._t(t, step), image, prompt]
 
 @patch
 def attention_hw(self:ProbeCache, layer:str)->tuple:
@@ -175,10 +192,10 @@ def prompt_of(self:ProbeCache, word:str)->int:
     raise KeyError(f"{word!r} is not a word of the prompt; its words are {[normalize_word(w) for w in self.words]}.")
 
 @patch
-def token_maps(self:ProbeCache, layer:str, positions:list, t:int|None=None, image:int=0, prompt:int=0,
-               heads=None)->torch.Tensor:
+def token_maps(self:ProbeCache, layer:str, positions:list, t:float|None=None, image:int=0, prompt:int=0,
+               heads=None, renormalize:bool=False, step:int|None=None)->torch.Tensor:
     "Maps of the given token `positions` at one layer: (len(positions), h, w), averaged over `heads` (default all)."
-    a = self.attention(layer, t, image, prompt)
+    a = self.attention(layer, t, image, prompt, renormalize, step)
     a = a.mean(0) if heads is None else a[torch.as_tensor(heads).reshape(-1)].mean(0)
     return a[:, positions].T.reshape(len(positions), *self.attention_hw(layer))
 
@@ -186,10 +203,10 @@ def token_maps(self:ProbeCache, layer:str, positions:list, t:int|None=None, imag
 def _rows(self:ProbeCache, t)->list:
     "Row indices of timestep(s) `t` (None: every row; a timestep recorded twice gives two rows)."
     if t is None: return list(range(len(self.timesteps)))
-    ts = [t] if isinstance(t, (int, float, np.integer)) else list(t)
-    missing = [x for x in ts if x not in self.timesteps]
+    ts = [t] if isinstance(t, (int, float, np.integer, np.floating)) else list(t)
+    missing = [x for x in ts if not any(_same_t(r, x) for r in self.timesteps)]
     if missing: raise KeyError(f"Timestep(s) {missing} were not recorded; recorded: {self.timesteps}.")
-    return [i for i, x in enumerate(self.timesteps) if x in ts]
+    return [i for i, x in enumerate(self.timesteps) if any(_same_t(x, y) for y in ts)]
 
 @patch
 def _attention_layers(self:ProbeCache, layers)->list:
@@ -242,19 +259,27 @@ def word_attention(self:ProbeCache, word:str, # a word (or several consecutive w
                    weights=None, # layer weights: None (equal), "side", or {name or glob: weight}
                    mode:str|None=None, # upsampling: "bilinear", "bicubic" or "nearest"
                    clamp:float|bool|None=None, # cut values below this after upsampling (False: no clamp)
+                   stream:str|None=None, # the text stream the word is read in ("clip", "t5"; None: every stream that carries it)
+                   renormalize:bool=False, # joint attention: the softmax over the text keys only
+                   step=None, # or timestep row position(s) instead of `t`
                   )->torch.Tensor: # (H, W) map, not normalised
     "The (H, W) cross-attention map of `word`, aggregated over heads, timesteps, layers and tokens as chosen."
     o = _aggregation(aggregate, dict(layers=layers, time=time, pool=pool, mode=mode, clamp=clamp, size=size,
                                      weights=weights, reduce=reduce))
     names = self._attention_layers(o["layers"])
+    if o["pool"] == "heads" and self.meta.get("heads") == "averaged":
+        raise ValueError("pool='heads' (and aggregate='daam') weighs every (layer, head) map once, but this cache's heads "
+                         "were averaged on the fly: probe or trace with heads=True.")
     p = self.prompt_of(word)
-    pos = self.prompts[p].positions(word)
+    pos = self.prompts[p].positions(word, stream)
     size = o["size"] or max((self.attention_hw(l) for l in names), key=lambda hw: hw[0] * hw[1])
     size = tuple(self.latent_hw) if size == "latent" else (size, size) if isinstance(size, int) else tuple(size)
-    rows = self._rows(t)
+    if t is not None and step is not None: raise ValueError("Pass t= (timestep values) or step= (row positions), not both.")
+    rows = self._rows(t) if step is None else [step] if isinstance(step, (int, np.integer)) else list(step)
     maps, wts = [], []
     for l in names:
-        a = self.probs[l][rows, image, p][..., pos].float()          # (T, heads, h*w, tokens)
+        src = self.renorm if renormalize and l in self.renorm else self.probs
+        a = src[l][rows, image, p][..., pos].float()                 # (T, heads, h*w, tokens)
         if heads is not None: a = a[:, torch.as_tensor(heads).reshape(-1)]
         a = a.sum(0) if o["time"] == "sum" else a.mean(0)                   # (heads, h*w, tokens)
         if o["pool"] == "layers": a = a.mean(0, keepdim=True)
@@ -314,7 +339,7 @@ def _meta(self:ProbeCache)->dict:
     return dict(format=CACHE_FORMAT, timesteps=self.timesteps, latent_hw=list(self.latent_hw),
                 image_hw=[list(s) for s in self.image_hw], content_hw=list(self.content_hw), read=self.read, meta=self.meta,
                 prompts=[dict(prompt=e.prompt, input_ids=e.input_ids[0].tolist(), attention_mask=e.attention_mask[0].tolist(),
-                              tokens=e.tokens, token_words=e.token_words, words=e.words) for e in self.prompts],
+                              tokens=e.tokens, token_words=e.token_words, words=e.words, streams=e.streams) for e in self.prompts],
                 layers={g: list(getattr(self, g)) for g in _GROUPS})
 
 @patch
@@ -361,7 +386,8 @@ def load(cls:ProbeCache, path)->ProbeCache:
     grid = next((v.shape[:3] for d in groups.values() for v in d.values()),
                 (len(meta["timesteps"]), len(meta["image_hw"]), len(meta["prompts"])))
     prompts = [PromptEncoding(p["prompt"], torch.tensor([p["input_ids"]]), torch.tensor([p["attention_mask"]]), None,
-                              p["tokens"], p["token_words"], p["words"]) for p in meta["prompts"]]
+                              p["tokens"], p["token_words"], p["words"],
+                              {k: tuple(v) for k, v in p["streams"].items()} if "streams" in p else None) for p in meta["prompts"]]
     return cls.from_rows(tuple(grid), **{g: {k: v.flatten(0, 2) for k, v in d.items()} for g, d in groups.items()},
                          timesteps=meta["timesteps"], prompts=prompts, latent_hw=tuple(meta["latent_hw"]),
                          image_hw=[tuple(s) for s in meta["image_hw"]], content_hw=tuple(meta["content_hw"]),

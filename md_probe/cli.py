@@ -264,10 +264,8 @@ def _model(args):
 
 def _check_timesteps(model, timesteps, option:str):
     "A UsageError for a timestep outside the model's scheduler (before its UNet runs)."
-    n = model.num_train_timesteps
-    bad = [t for t in timesteps if not 0 <= t < n]
-    if bad: raise UsageError(f"{option} {bad[0]} is outside the scheduler's range of {model.name}: pass a value "
-                             f"from 0 (clean) to {n - 1}")
+    try: model.backbone.check_timesteps(model, timesteps)
+    except ValueError as e: raise UsageError(f"{option}: {e}") from None
 
 def _check_image_size(model, size, option:str="--image-size"):
     "A UsageError for an image size that is not a multiple of the model's stride (as `prepare_image` requires)."
@@ -351,7 +349,7 @@ def cmd_segment(args)->int:
         try:
             if named:
                 seg = MaskDiffusion(model, **opts)
-                build_prompts(model.tokenizer, classes, model.max_length, seg.config.joiner, seg.config.template)  # fits the window?
+                build_prompts(model, classes, seg.config.joiner, seg.config.template)  # fits the window?
             else:
                 seg = UnsupervisedMaskDiffusion(model, k=None if args.unsupervised == "eigengap" else args.unsupervised, **opts)
         except (KeyError, ValueError) as e: raise UsageError(_message(e)) from None

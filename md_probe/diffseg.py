@@ -36,11 +36,11 @@ class SelfAttentionAggregate(CaptureStore):
     def __init__(self, grid:tuple, # (gh, gw): the aggregate's grid (the latent grid)
                  weights:dict, # attn1 name -> weight (see `diffseg_weights`)
                 ):
-        super().__init__(self_attention=weights)
+        super().__init__()
         self.grid, self.weights, self.maps = tuple(grid), dict(weights), None  # maps: (rows, G², G²) float32
 
-    def on_attention(self, name, probs, lse):
-        if name not in self.weights: return super().on_attention(name, probs, lse)
+    def on_self_attention(self, name, probs):
+        if name not in self.weights: return super().on_self_attention(name, probs)
         a = probs.float().mean(1)                                   # heads: (rows, N queries, N keys)
         R, N = a.shape[:2]
         (gh, gw), r = self.grid, round(math.sqrt(self.grid[0] * self.grid[1] / N))
@@ -219,8 +219,7 @@ class DiffSeg:
             z0 = m.encode_image(PreparedImage(torch.cat([p.pixels for p in prep]), hw, hw))
             zt = m.add_noise(z0, [c.timestep], c.seed) if c.noise else z0    # released code: the clean latent
         _, cache = run_with_cache(m, zt, c.timestep, enc.embeddings, self_attention=list(store.weights), store=store,
-                                  need_output=False, prompts=[enc], meta=dict(seed=c.seed),
-                                  encoder_attention_mask=enc.attention_mask if m.pass_attention_mask else None)
+                                  need_output=False, prompts=[enc], meta=dict(seed=c.seed), **enc.extra)
         return store, [replace(cache.select(image=i), image_hw=[p.original_hw], content_hw=p.content_hw)
                        for i, p in enumerate(prep)]
 

@@ -8,35 +8,85 @@ import math, fnmatch, difflib, contextlib, weakref, threading
 from collections import Counter
 from dataclasses import dataclass, replace
 import torch
-from .models import DiffusionModel
+from .models import DiffusionModel, Backbone, first_tensor
 from .cache import ProbeCache
 
 # %% auto #0
-__all__ = ['AttentionRecorder', 'attached', 'LayerInfo', 'LayerTable', 'first_tensor', 'unet_lock', 'list_layers',
+__all__ = ['AttentionRecorder', 'attached', 'LayerInfo', 'LayerTable', 'backbone_for', 'unet_lock', 'list_layers',
            'resolve_layers', 'resolve_capture', 'CaptureStore', 'capture', 'check_batch_size', 'run_with_cache']
 
 # %% ../nbs/01a_engine.ipynb #41809ea4
 class AttentionRecorder:
-    "Attention processor that computes softmax(QK^T*scale) explicitly and passes the probabilities to `sink`."
-    def __init__(self, name:str, # the attention module's name, passed to `sink`
-                 sink,           # callable(name, probs (B, heads, N, L) float32, lse (B, heads, N) or None)
+    "Attention processor that computes softmax(QK^T*scale) explicitly, per query chunk, and records the image rows."
+    chunk_bytes = 2 ** 28   # the float32 logits of one query chunk stay under this: the full matrix never exists
+
+    def __init__(self, name:str, # the attention module's name, passed to the sinks
+                 sink=None,      # callable(name, probs, lse[, renorm=]) for the text->image block (None: not recorded)
+                 self_sink=None, # callable(name, probs) for the image->image block (None: not recorded)
                  keep_grad:bool=False, # keep the graph (training with an attention loss); else detached
-                 with_lse:bool=False,  # also pass logsumexp of the logits (to recover exp(logits) = probs * exp(lse))
+                 with_lse:bool=False,  # also pass logsumexp of the logits (B, heads, N) (keeps heads: exp(logits) = probs * exp(lse))
+                 heads:bool=False,     # keep every head (B, heads, N, L); False: averaged on the fly (B, 1, N, L)
                  outer:AttentionRecorder|None=None, # the recorder of an enclosing capture that this one displaced: fed too
                 ):
-        self.name, self.sink, self.keep_grad, self.with_lse, self.outer = name, sink, keep_grad, with_lse, outer
+        self.name, self.sink, self.self_sink, self.keep_grad = name, sink, self_sink, keep_grad
+        self.with_lse, self.heads, self.outer = with_lse, heads or with_lse, outer
 
-    def record(self, logits:torch.Tensor, # (B*heads, N, L) float32 attention logits
-               probs:torch.Tensor, # their softmax
-               heads:int):
-        "Pass the probabilities (B, heads, N, L) and logsumexp to the displaced recorders' sinks, then to this one's."
-        if self.outer is not None: self.outer.record(logits, probs, heads)
-        shape = (probs.shape[0] // heads, heads, *probs.shape[1:])
-        lse = logits.logsumexp(-1).view(shape[:3]) if self.with_lse else None
-        keep = (lambda x: x) if self.keep_grad else (lambda x: None if x is None else x.detach())
-        self.sink(self.name, keep(probs.view(shape)), keep(lse))
+    def _chain(self):
+        r = self
+        while r is not None: yield r; r = r.outer
+
+    def attend(self, q:torch.Tensor, k:torch.Tensor, v:torch.Tensor, # (B, heads, S, D), (B, heads, S_k, D), (B, heads, S_k, D_v)
+               *, scale:float, # the logits' scale (1/sqrt(D) by default in diffusers)
+               queries:slice|None=None, # the image positions among the queries (recorded rows; default: all)
+               text_keys:slice|None=None, # the text positions among the keys (None: no text)
+               image_keys:slice|None=None, # the image positions among the keys (None: no image keys)
+               mask:torch.Tensor|None=None, # additive mask broadcastable to (B, heads, S, S_k)
+              )->torch.Tensor: # (B, heads, S, D_v) in v's dtype
+        "softmax(q k^T * scale + mask) v, exactly, per query chunk; passes the image rows' blocks to every recorder of the chain."
+        B, H, S, _ = q.shape
+        Sk = k.shape[2]
+        queries = queries or slice(0, S)
+        chain = list(self._chain())
+        text = text_keys is not None and any(r.sink for r in chain)
+        image = image_keys is not None and any(r.self_sink for r in chain)
+        partial_text = text and (text_keys.start or 0, text_keys.stop) != (0, Sk)     # joint softmax: text is a block
+        partial_image = image and (image_keys.start or 0, image_keys.stop) != (0, Sk)
+        step = max(1, self.chunk_bytes // (4 * B * H * Sk))
+        kt, outs = k.float().transpose(-1, -2), []
+        parts = [dict(probs=[], lse=[], renorm=[], self=[]) for _ in chain]
+        for s in range(0, S, step):
+            logits = (q[:, :, s:s + step].float() @ kt) * scale
+            if mask is not None:
+                m = mask.float()
+                logits = logits + (m[..., s:s + step, :] if m.ndim >= 2 and m.shape[-2] == S else m)
+            lse = logits.logsumexp(-1, keepdim=True)
+            p = (logits - lse).exp()
+            outs.append(p.to(v.dtype) @ v)
+            lo, hi = max(s, queries.start or 0), min(s + step, queries.stop if queries.stop is not None else S)
+            if hi <= lo or not (text or image): continue
+            rows = slice(lo - s, hi - s)
+            pt = p[:, :, rows, text_keys] if text else None
+            pi = p[:, :, rows, image_keys] if image else None
+            rn = pt / pt.sum(-1, keepdim=True) if partial_text else None
+            if partial_image: pi = pi / pi.sum(-1, keepdim=True)
+            for r, acc in zip(chain, parts):
+                avg = (lambda x: x) if r.heads else (lambda x: x.mean(1, keepdim=True))
+                if text and r.sink:
+                    acc["probs"].append(avg(pt))
+                    if rn is not None: acc["renorm"].append(avg(rn))
+                    if r.with_lse: acc["lse"].append(lse[:, :, rows, 0])
+                if image and r.self_sink: acc["self"].append(avg(pi))
+        for r, acc in zip(reversed(chain), reversed(parts)):     # the outermost recorder first, as nesting reads
+            keep = (lambda x: x) if r.keep_grad else (lambda x: x.detach())
+            cat = lambda xs: keep(torch.cat(xs, 2)) if xs else None
+            if acc["probs"]:
+                kw = dict(renorm=cat(acc["renorm"])) if acc["renorm"] else {}
+                r.sink(r.name, cat(acc["probs"]), cat(acc["lse"]), **kw)
+            if acc["self"]: r.self_sink(r.name, cat(acc["self"]))
+        return torch.cat(outs, 2)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        "diffusers' `Attention` path (UNet attn1/attn2, PixArt): the same output as `AttnProcessor`, recorded."
         residual = hidden_states
         if attn.spatial_norm is not None: hidden_states = attn.spatial_norm(hidden_states, temb)
         ndim = hidden_states.ndim
@@ -50,12 +100,14 @@ class AttentionRecorder:
         query = attn.to_q(hidden_states)
         if encoder_hidden_states is not None and attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
-        q, k, v = (attn.head_to_batch_dim(x) for x in (query, attn.to_k(context), attn.to_v(context)))
-        logits = torch.bmm(q.float(), k.float().transpose(-1, -2)) * attn.scale
-        if attention_mask is not None: logits = logits + attention_mask.float()
-        probs = logits.softmax(-1)
-        self.record(logits, probs, attn.heads)
-        out = attn.batch_to_head_dim(torch.bmm(probs.to(v.dtype), v))
+        heads = lambda x: x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)   # (B, heads, S, D)
+        q, k, v = heads(query), heads(attn.to_k(context)), heads(attn.to_v(context))
+        if attention_mask is not None: attention_mask = attention_mask.view(batch, attn.heads, *attention_mask.shape[1:])
+        keys = slice(0, k.shape[2])
+        cross = encoder_hidden_states is not None
+        out = self.attend(q, k, v, scale=attn.scale, text_keys=keys if cross else None,
+                          image_keys=None if cross else keys, mask=attention_mask)
+        out = out.transpose(1, 2).reshape(batch, -1, out.shape[1] * out.shape[-1])
         out = attn.to_out[1](attn.to_out[0](out))
         if ndim == 4: out = out.transpose(-1, -2).reshape(b, c, h, w)
         if attn.residual_connection: out = out + residual
@@ -72,25 +124,24 @@ def attached(unet:torch.nn.Module)->dict:
     return state
 
 # %% ../nbs/01a_engine.ipynb #bd7e0e3a
-_KINDS = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D",
-          "UpBlock2D", "ResnetBlock2D", "Transformer2DModel", "BasicTransformerBlock", "Attention", "Downsample2D",
-          "Upsample2D")
-
 @dataclass
 class LayerInfo:
-    "One hookable layer of a UNet."
-    name: str          # diffusers module path, e.g. "up_blocks.1.resnets.2"
-    kind: str          # the module's class, e.g. "ResnetBlock2D"
-    in_channels: int   # channels of its input (for up-path resnets: hidden state + skip)
-    channels: int      # channels of its output
-    resolution: tuple  # (h, w) of its output map for the image size asked for
-    cross_attention: bool = False  # an attn2 module (its maps are per token)
+    "One hookable layer of a denoiser."
+    name: str          # diffusers module path, e.g. "up_blocks.1.resnets.2" or "transformer_blocks.12"
+    kind: str          # the module's class, e.g. "ResnetBlock2D" or "JointTransformerBlock"
+    in_channels: int   # channels (width) of its input (for up-path resnets: hidden state + skip)
+    channels: int      # channels (width) of its output's image stream
+    resolution: tuple  # (h, w) of its output map (the image-token grid) for the image size asked for
+    relations: tuple = ()  # attention modules: what they relate, "text->image" and/or "image->image"
+    @property
+    def cross_attention(self)->bool: return "text->image" in self.relations
 
 class LayerTable(list):
     "A list of `LayerInfo` that prints as a table."
     def __repr__(self):
-        rows = [f"{'name':<58}{'kind':<26}{'in':>6}{'out':>6}  resolution"]
-        rows += [f"{l.name:<58}{l.kind:<26}{l.in_channels:>6}{l.channels:>6}  {l.resolution[0]}x{l.resolution[1]}" for l in self]
+        rows = [f"{'name':<58}{'kind':<28}{'in':>6}{'out':>6}  {'grid':<9} relations"]
+        rows += [f"{l.name:<58}{l.kind:<28}{l.in_channels:>6}{l.channels:>6}  {l.resolution[0]}x{l.resolution[1]:<7} "
+                 f"{', '.join(l.relations)}" for l in self]
         return "\n".join(rows)
     def names(self): return [l.name for l in self]
     def to_frame(self):
@@ -98,98 +149,109 @@ class LayerTable(list):
         return pd.DataFrame([vars(l) for l in self])
 
 # %% ../nbs/01a_engine.ipynb #444f048b
-def first_tensor(x):
-    "The tensor a module returned or received (tuples, lists and diffusers outputs hold it first)."
-    if isinstance(x, torch.Tensor): return x
-    if hasattr(x, "sample") and isinstance(x.sample, torch.Tensor): return x.sample
-    if isinstance(x, (tuple, list)) and x: return first_tensor(x[0])
-    if isinstance(x, dict) and x: return first_tensor(next(iter(x.values())))
-    raise TypeError(f"No tensor in {type(x).__name__}")
+def backbone_for(denoiser:torch.nn.Module)->Backbone:
+    "The backbone that drives `denoiser`, from its class (an SDXL UNet by its text-time embedding)."
+    from .models import _resolve
+    kind = type(denoiser).__name__
+    if kind == "UNet2DConditionModel" and getattr(denoiser.config, "addition_embed_type", None) == "text_time":
+        return _resolve("md_probe.sdxl:SDXL")()
+    refs = {"PixArtTransformer2DModel": "md_probe.pixart:PixArt", "SD3Transformer2DModel": "md_probe.sd3:SD3",
+            "FluxTransformer2DModel": "md_probe.flux:Flux"}
+    return _resolve(refs[kind])() if kind in refs else Backbone()
 
-def _hookable(unet):
-    return [(n, m) for n, m in unet.named_modules() if n and type(m).__name__ in _KINDS]
+def _hookable(denoiser, backbone):
+    return [(n, m) for n, m in denoiser.named_modules() if n and type(m).__name__ in backbone.layer_kinds]
 
 @dataclass
-class _UNetInfo:
-    "What one dummy forward of a UNet shows: each hookable layer's shapes, and the order its modules start and end."
-    shapes: dict  # name -> (kind, in_channels, out_channels, ratio of the latent side to the layer's side)
+class _LayerInfo:
+    "What one dummy forward of a denoiser shows: each hookable layer's shapes, and the order its modules start and end."
+    shapes: dict  # name -> (kind, in_channels, out_channels, (ratio of the token grid's sides to the layer's sides))
     events: list  # (module name, "pre" | "post") in the order they happened
+    relations: dict # attention module name -> its relations
     def __post_init__(self):
         self.pos = {e: i for i, e in enumerate(self.events)}   # position of each event (its last occurrence)
         self.count = Counter(self.events)
 
-_UNET_INFO = weakref.WeakKeyDictionary()   # UNet -> _UNetInfo, measured once per UNet (never stored on the model)
+_LAYER_INFO = weakref.WeakKeyDictionary()   # denoiser -> _LayerInfo, measured once per denoiser (never stored on it)
 
 _LOCKS_GUARD = threading.Lock()
-_LOCKS = weakref.WeakKeyDictionary()   # UNet -> RLock, for as long as the UNet lives
+_LOCKS = weakref.WeakKeyDictionary()   # denoiser -> RLock, for as long as the denoiser lives
 
-def unet_lock(unet:torch.nn.Module)->threading.RLock:
-    "The lock that serialises captures of `unet` across threads (re-entrant: nested captures in one thread)."
-    with _LOCKS_GUARD: return _LOCKS.setdefault(unet, threading.RLock())
+def unet_lock(denoiser:torch.nn.Module)->threading.RLock:
+    "The lock that serialises captures of `denoiser` across threads (re-entrant: nested captures in one thread)."
+    with _LOCKS_GUARD: return _LOCKS.setdefault(denoiser, threading.RLock())
 
-def _unet_info(unet:torch.nn.Module)->_UNetInfo:
-    "Shapes and execution order of `unet`'s modules, from one forward on a small dummy latent (cached per UNet)."
-    if unet in _UNET_INFO: return _UNET_INFO[unet]
-    side = 2 ** len(unet.config.block_out_channels)       # the smallest latent every level halves (2x2 at the bottom)
-    shapes, events, handles, hookable = {}, [], [], {n for n, _ in _hookable(unet)}
+def _channels(x)->int: return x.shape[-1] if x.ndim == 3 else x.shape[1]
+
+def _layer_info(denoiser:torch.nn.Module, backbone:Backbone)->_LayerInfo:
+    "Shapes and execution order of `denoiser`'s modules, from one forward on a small dummy input (cached per denoiser)."
+    if denoiser in _LAYER_INFO: return _LAYER_INFO[denoiser]
+    shapes, events, handles, grid = {}, [], [], [None]
+    hookable = dict(_hookable(denoiser, backbone))
+    def on_call(mod, args, kwargs): grid[0] = backbone.call_grid(denoiser, args, kwargs)
     def pre(name): return lambda mod, args: events.append((name, "pre"))
     def post(name):
         def f(mod, args, kwargs, out):
             events.append((name, "post"))
             if name not in hookable: return
-            x_in, x_out = (first_tensor(args) if args else first_tensor(kwargs)), first_tensor(out)
-            n_out = x_out.shape[1] if x_out.ndim == 3 else x_out.shape[-2] * x_out.shape[-1]
-            shapes[name] = (type(mod).__name__, x_in.shape[-1] if x_in.ndim == 3 else x_in.shape[1],
-                            x_out.shape[-1] if x_out.ndim == 3 else x_out.shape[1], round(math.sqrt(side * side / n_out)))
+            try: x_out = backbone.image_stream(name, mod, out, grid[0])
+            except (TypeError, RuntimeError, ValueError): return   # no image stream (text only): not a feature layer
+            x_in = first_tensor(args) if args else first_tensor(kwargs)
+            shapes[name] = (type(mod).__name__, _channels(x_in), x_out.shape[1],
+                            (grid[0][0] / x_out.shape[-2], grid[0][1] / x_out.shape[-1]))
         return f
-    lock = unet_lock(unet); lock.acquire()   # no other thread's capture may record this dummy forward
+    lock = unet_lock(denoiser); lock.acquire()   # no other thread's capture may record this dummy forward
     try:
-        for n, m in unet.named_modules():
+        handles.append(denoiser.register_forward_pre_hook(on_call, with_kwargs=True))
+        for n, m in denoiser.named_modules():
             if n: handles += [m.register_forward_pre_hook(pre(n)), m.register_forward_hook(post(n), with_kwargs=True)]
-        p = next(unet.parameters())
-        ctx = torch.zeros(1, 2, unet.config.cross_attention_dim, device=p.device, dtype=p.dtype)
-        with torch.no_grad():
-            unet(torch.zeros(1, unet.config.in_channels, side, side, device=p.device, dtype=p.dtype), 0, ctx)
+        with torch.no_grad(): latent = backbone.dummy_forward(denoiser)
     finally:
         for h in handles: h.remove()
         lock.release()
-    _UNET_INFO[unet] = info = _UNetInfo(shapes, events)
+    grid0 = backbone.token_grid(denoiser, latent)
+    shapes = {n: (*s[:3], (s[3][0] * grid0[0] / grid[0][0], s[3][1] * grid0[1] / grid[0][1])) for n, s in shapes.items()}
+    rel = {n: r for n, m in hookable.items() if (r := backbone.relations(n, m))}
+    _LAYER_INFO[denoiser] = info = _LayerInfo(shapes, events, rel)
     return info
 
-def list_layers(model:DiffusionModel, # the model whose UNet is listed
+def _info(model:DiffusionModel)->_LayerInfo: return _layer_info(model.denoiser, model.backbone)
+
+def list_layers(model:DiffusionModel, # the model whose denoiser is listed
                 image_size:int|tuple|None=None, # image (h, w) or side; default: the model's native size
                 pattern:str|None=None, # optional glob to filter names, e.g. "up_blocks.*.resnets.*"
                )->LayerTable:
-    "Every hookable UNet layer with its kind, channels and resolution at `image_size`."
+    "Every hookable layer of the denoiser with its kind, channels, image-token grid at `image_size` and attention relations."
     size = image_size or model.image_size
     h, w = (size, size) if isinstance(size, int) else size
-    lh, lw = h // model.vae_scale, w // model.vae_scale
-    shapes = _unet_info(model.denoiser).shapes
-    rows = [LayerInfo(n, *shapes[n][:3], (max(1, lh // shapes[n][3]), max(1, lw // shapes[n][3])), n.endswith("attn2"))
-            for n, _ in _hookable(model.denoiser) if n in shapes]
+    gh, gw = model.backbone.token_grid(model.denoiser, (h // model.vae_scale, w // model.vae_scale))
+    info = _info(model)
+    rows = [LayerInfo(n, *info.shapes[n][:3], (max(1, round(gh / info.shapes[n][3][0])), max(1, round(gw / info.shapes[n][3][1]))),
+                      info.relations.get(n, ()))
+            for n, _ in _hookable(model.denoiser, model.backbone) if n in info.shapes]
     return LayerTable(r for r in rows if pattern is None or fnmatch.fnmatchcase(r.name, pattern))
 
 # %% ../nbs/01a_engine.ipynb #3976ac8a
 def resolve_layers(model:DiffusionModel, patterns, # names or globs (str or iterable of str)
-                   cross_attention_only:bool=False, # keep only attn2 modules (for attention patterns)
+                   relation:str|None=None, # keep only attention modules with this relation ("text->image", "image->image")
                   )->list:
     "Module names matching `patterns`, in model order; a clear error for names that match nothing."
     if isinstance(patterns, str): patterns = [patterns]
-    listed = [n for n, _ in _hookable(model.denoiser)]
-    if cross_attention_only: listed = [n for n in listed if n.endswith("attn2")]
+    listed = [n for n, _ in _hookable(model.denoiser, model.backbone)]
+    if relation: listed = [n for n in listed if relation in _info(model).relations.get(n, ())]
     modules = dict(model.denoiser.named_modules())
     found = []
     for p in patterns:
         if any(c in p for c in "*?["):
             hits = [n for n in listed if fnmatch.fnmatchcase(n, p)]
-            if cross_attention_only and not hits:  # a block pattern means the attn2 modules inside it
+            if relation and not hits:  # a block pattern means the attention modules inside it
                 hits = [n for n in listed if fnmatch.fnmatchcase(n, p + ".*")]
-        elif cross_attention_only and p in modules and not p.endswith("attn2"):
+        elif relation and p in modules and p not in listed:
             hits = [n for n in listed if n.startswith(p + ".")]
         else: hits = [p] if p in modules and p else []
         if not hits:
             near = difflib.get_close_matches(p, listed, n=5, cutoff=0.5)
-            what = "cross-attention (attn2) layer" if cross_attention_only else "layer"
+            what = f"attention module with {relation} attention" if relation else "layer"
             raise KeyError(f"No {what} named {p!r} in {model.name}. Nearest names: {near}. "
                            f"See list_layers(model) for every name (globs like 'up_blocks.*.resnets.2' work).")
         found += [h for h in hits if h not in found]
@@ -208,15 +270,19 @@ def _check_read(read):
                          "(for up-path resnets, the hidden state concatenated with the skip).")
 
 def resolve_capture(model:DiffusionModel, layers=(), # feature layers: names or globs
-                    cross_attention:bool|str|list=False, # True: every attn2 module; or names/globs (a block: its attn2s)
-                    self_attention:bool|str|list=False, # True: every attn1 module; or names/globs
+                    cross_attention:bool|str|list=False, # True: every text->image attention module; or names/globs (a block: its modules)
+                    self_attention:bool|str|list=False, # True: every image->image attention module; or names/globs
                     read:str="output", # "output" or "input" of the feature layers
-                   )->tuple: # (feature layers, attn2 modules, attn1 modules), each in model order
+                   )->tuple: # (feature layers, text->image modules, image->image modules), in model order
     "The module names one capture records; a clear error for a bad name, a bad `read`, or nothing to record."
     _check_read(read)
     feats = resolve_layers(model, _as_patterns(layers, []))
-    xattn = resolve_layers(model, _as_patterns(cross_attention, ["*attn2"]), cross_attention_only=True) if cross_attention else []
-    sattn = resolve_layers(model, _as_patterns(self_attention, ["*attn1"])) if self_attention else []
+    rel = _info(model).relations
+    def every(r):
+        if names := [n for n, rs in rel.items() if r in rs]: return names
+        raise ValueError(f"{model.name} ({model.family}) has no attention module with {r} attention.")
+    xattn = resolve_layers(model, _as_patterns(cross_attention, every("text->image")), "text->image") if cross_attention else []
+    sattn = resolve_layers(model, _as_patterns(self_attention, every("image->image")), "image->image") if self_attention else []
     if not (feats or xattn or sattn):
         raise ValueError("Nothing to capture: pass layers=[...] (see list_layers(model) for the names) "
                          "and/or cross_attention=True.")
@@ -224,52 +290,65 @@ def resolve_capture(model:DiffusionModel, layers=(), # feature layers: names or 
 
 # %% ../nbs/01a_engine.ipynb #9de8cc26
 class CaptureStore:
-    "What one `capture` collected: per name, the tensors of each UNet call (concatenate along the batch)."
+    "What one `capture` collected: per name, the tensors of each denoiser call (concatenate along the batch)."
     def __init__(self, dtype=torch.float32, device=None, self_attention=()):
-        self.features, self.attention, self.lse, self.self_attention = {}, {}, {}, {}
-        self.dtype, self.device, self._self = dtype, device, set(self_attention)
+        self.features, self.attention, self.lse, self.renorm, self.self_attention = {}, {}, {}, {}, {}
+        self.dtype, self.device = dtype, device
     def _keep(self, x): return x.detach().to(device=self.device or x.device, dtype=self.dtype)
     def on_feature(self, name, x):
         self.features.setdefault(name, []).append(self._keep(x))
-    def on_attention(self, name, probs, lse):
-        if name in self._self: self.self_attention.setdefault(name, []).append(self._keep(probs.mean(1)))
-        else:
-            self.attention.setdefault(name, []).append(self._keep(probs))
-            if lse is not None: self.lse.setdefault(name, []).append(self._keep(lse))
+    def on_attention(self, name, probs, lse, renorm=None):
+        "The text->image block (B, heads or 1, N, L), its logits' logsumexp (or None) and, for a joint softmax, the text-only softmax."
+        self.attention.setdefault(name, []).append(self._keep(probs))
+        if lse is not None: self.lse.setdefault(name, []).append(self._keep(lse))
+        if renorm is not None: self.renorm.setdefault(name, []).append(self._keep(renorm))
+    def on_self_attention(self, name, probs):
+        "The image->image block (B, heads or 1, N, N), kept averaged over heads."
+        self.self_attention.setdefault(name, []).append(self._keep(probs.mean(1)))
 
 @contextlib.contextmanager
-def capture(unet:torch.nn.Module, # the UNet to read (restored on exit)
-            features=(),          # module names whose output (or input) is recorded
-            cross_attention=(),   # attn2 module names whose probabilities are recorded
-            self_attention=(),    # attn1 module names, recorded averaged over heads
+def capture(denoiser:torch.nn.Module, # the UNet or transformer to read (restored on exit)
+            features=(),          # module names whose output (or input) is recorded, as image features (B, C, h, w)
+            cross_attention=(),   # attention module names whose text->image probabilities are recorded
+            self_attention=(),    # attention module names whose image->image probabilities are recorded (averaged over heads)
             read:str="output",    # "output" or "input" of the feature modules
             store:CaptureStore|None=None, # where to put tensors (default: a new float32 store)
-            with_lse:bool=False,  # also keep logsumexp of the attention logits (for exp(logits) maps)
+            with_lse:bool=False,  # also keep logsumexp of the attention logits (for exp(logits) maps; keeps heads)
+            heads:bool=False,     # keep every head of the text->image maps; False: averaged on the fly
+            backbone:Backbone|None=None, # how the denoiser's family is driven (default: from its class)
            ):
-    "Context manager: record features and attention during the UNet calls inside it; always restores the model."
+    "Context manager: record features and attention during the denoiser calls inside it; always restores the model."
     _check_read(read)
-    modules = dict(unet.named_modules())
+    backbone = backbone or backbone_for(denoiser)
+    modules = dict(denoiser.named_modules())
     for n in (*features, *cross_attention, *self_attention):
-        if n not in modules: raise KeyError(f"No module {n!r} in the UNet: see list_layers(model).")
-    for n in (*cross_attention, *self_attention):
-        if not hasattr(modules[n], "set_processor"): raise ValueError(f"{n!r} is not an attention module.")
-    if twice := sorted(set(cross_attention) & set(self_attention)):
-        raise ValueError(f"{twice} are asked for as both cross- and self-attention: record each attention module once.")
-    store = CaptureStore(self_attention=self_attention) if store is None else store
-    handles, swapped = [], {}
-    lock = unet_lock(unet)
-    lock.acquire()       # one capture per UNet at a time; the same thread may nest (an RLock)
+        if n not in modules: raise KeyError(f"No module {n!r} in the {type(denoiser).__name__}: see list_layers(model).")
+    for n, rel in [(n, "text->image") for n in cross_attention] + [(n, "image->image") for n in self_attention]:
+        if rel not in backbone.relations(n, modules[n]):
+            raise ValueError(f"{n!r} is not an attention module with {rel} attention: see list_layers(model)'s relations.")
+    store = CaptureStore() if store is None else store
+    handles, swapped, grid = [], {}, [None]
+    def on_call(mod, args, kwargs): grid[0] = backbone.call_grid(denoiser, args, kwargs)
+    def feature(n, mod, x): store.on_feature(n, backbone.image_stream(n, mod, x, grid[0]))
+    lock = unet_lock(denoiser)
+    lock.acquire()       # one capture per denoiser at a time; the same thread may nest (an RLock)
     try:
+        handles.append(denoiser.register_forward_pre_hook(on_call, with_kwargs=True))
         for n in features:
             if read == "output":
-                handles.append(modules[n].register_forward_hook(lambda m, a, out, n=n: store.on_feature(n, first_tensor(out))))
+                handles.append(modules[n].register_forward_hook(lambda m, a, out, n=n: feature(n, m, out)))
             else:
                 handles.append(modules[n].register_forward_pre_hook(
-                    lambda m, a, kw, n=n: store.on_feature(n, first_tensor(a) if a else first_tensor(kw)), with_kwargs=True))
+                    lambda m, a, kw, n=n: feature(n, m, a if a else kw), with_kwargs=True))
         for n in dict.fromkeys((*cross_attention, *self_attention)):
             swapped[n] = prev = modules[n].processor
-            modules[n].set_processor(AttentionRecorder(n, store.on_attention, with_lse=with_lse and n in cross_attention,
-                                                       outer=prev if isinstance(prev, AttentionRecorder) else None))
+            rec = backbone.recorder(n, modules[n], sink=store.on_attention if n in cross_attention else None,
+                                    self_sink=store.on_self_attention if n in self_attention else None,
+                                    with_lse=with_lse and n in cross_attention, heads=heads,
+                                    outer=prev if isinstance(prev, AttentionRecorder) else None)
+            modules[n].set_processor(rec)
+            for mod, fn in (rec.hooks(n, denoiser) if hasattr(rec, "hooks") else []):
+                handles.append(mod.register_forward_pre_hook(fn, with_kwargs=True))
         yield store
     finally:
         for h in handles: h.remove()
@@ -280,27 +359,30 @@ def capture(unet:torch.nn.Module, # the UNet to read (restored on exit)
 class _StopForward(Exception):
     "Raised by the last recording of a capture whose caller does not need the UNet's output; caught by the engine."
 
-def _stop_event(unet, features, cross_attention, self_attention, read)->tuple|None:
+def _stop_event(info:_LayerInfo, features, cross_attention, self_attention, read)->tuple|None:
     "The capture's last recording in execution order, as (kind, name); None when the forward cannot stop early."
-    info = _unet_info(unet)
     def where(kind, n):
         e = (n, "pre" if kind == "feature" and read == "input" else "post" if kind == "feature" else "pre")
         if info.count.get(e) != 1: return None                  # it may not run, or run twice: no early stop
         if kind == "feature": return info.pos[e]
         return info.pos.get((f"{n}.to_v", "post"), info.pos[e]) + 0.5   # inside the module, once q, k and v exist
-    recs = [("feature", n) for n in features] + [("attention", n) for n in (*cross_attention, *self_attention)]
+    recs = [("feature", n) for n in features] + [("attention", n) for n in dict.fromkeys((*cross_attention, *self_attention))]
     pos = [where(*r) for r in recs]
     if not recs or None in pos: return None
     return recs[max(range(len(recs)), key=pos.__getitem__)]
 
 class _Recording:
     "What `capture` feeds during `run_with_cache`: passes each tensor to the store, notes it, stops after the last."
-    def __init__(self, store, stop=None): self.store, self.stop, self.seen = store, stop, set()
+    def __init__(self, store, stop=None, both=()):
+        self.store, self.stop, self.seen, self.both, self.parts = store, stop, set(), set(both), set()
     def on_feature(self, name, x): self.store.on_feature(name, x); self._done(("feature", name))
-    def on_attention(self, name, probs, lse): self.store.on_attention(name, probs, lse); self._done(("attention", name))
-    def _done(self, rec):
-        self.seen.add(rec)
-        if rec == self.stop: raise _StopForward
+    def on_attention(self, name, probs, lse, **kw): self.store.on_attention(name, probs, lse, **kw); self._done(("attention", name))
+    def on_self_attention(self, name, probs): self.store.on_self_attention(name, probs); self._done(("attention", name), "self")
+    def _done(self, rec, part="text"):
+        self.seen.add(rec); self.parts.add((rec, part))
+        if rec != self.stop: return
+        if rec[1] in self.both and len({p for r, p in self.parts if r == rec}) < 2: return   # a joint module: both blocks first
+        raise _StopForward
 
 def _row_timesteps(timestep, n:int)->tuple:
     "(distinct timesteps in row order, a per-row tensor); the rows of one timestep must be consecutive blocks."
@@ -351,8 +433,9 @@ def run_with_cache(model:DiffusionModel, # the model (left exactly as it was)
                    content_hw:tuple|None=None, # the image's part of the input (default: all of it)
                    images:list|None=None, # each image as the model saw it, (h, w, 3) uint8 (default: none)
                    meta:dict|None=None, # added to the cache's meta (model, vae_scale)
-                   **unet_kwargs, # passed to the UNet (encoder_attention_mask, added_cond_kwargs, ...)
-                  )->tuple: # (the UNet's output or None, ProbeCache)
+                   heads:bool=False, # keep every head of the text->image maps (default: averaged on the fly)
+                   **extra, # the other denoiser inputs of `Backbone.denoise` (encoder_attention_mask, pooled vectors, ...), per row or per prompt
+                  )->tuple: # (the denoiser's output or None, ProbeCache)
     "Run the denoiser once on `sample` while capturing; returns `(output, cache)` (output None when not needed)."
     feats, xattn, sattn = resolve_capture(model, layers, cross_attention, self_attention, read)
     check_batch_size(batch_size)
@@ -367,22 +450,21 @@ def run_with_cache(model:DiffusionModel, # the model (left exactly as it was)
     B, dev = N // (len(ts) * P), model.device
     x, t_rows = sample.to(dev, model.dtype), t_rows.to(dev)
     ctx = _per_row(encoder_hidden_states, N, "encoder_hidden_states").to(dev, model.dtype)
-    unet_kwargs = {k: _per_row(v, N, k).to(dev) if k == "encoder_attention_mask" and v is not None else v
-                   for k, v in unet_kwargs.items()}
-    store = CaptureStore(dtype, device, sattn) if store is None else store
-    rec = _Recording(store, None if need_output else _stop_event(model.denoiser, feats, xattn, sattn, read))
+    extra = {k: _per_row(v, N, k).to(dev) if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
+    store = CaptureStore(dtype, device) if store is None else store
+    rec = _Recording(store, None if need_output else _stop_event(_info(model), feats, xattn, sattn, read), set(xattn) & set(sattn))
     outs, step = [], batch_size or N
-    with torch.no_grad(), capture(model.denoiser, feats, xattn, sattn, read, rec, with_lse):
+    with torch.no_grad(), capture(model.denoiser, feats, xattn, sattn, read, rec, with_lse, heads, model.backbone):
         for s in range(0, N, step):
-            try: outs.append(first_tensor(model.denoiser(x[s:s + step], t_rows[s:s + step], encoder_hidden_states=ctx[s:s + step],
-                                                     **_chunk(unet_kwargs, s, step, N))))
+            try: outs.append(model.backbone.denoise(model.denoiser, x[s:s + step], t_rows[s:s + step], ctx[s:s + step],
+                                                    **_chunk(extra, s, step, N)))
             except _StopForward: pass
     missing = [r for r in [("feature", n) for n in feats] + [("attention", n) for n in (*xattn, *sattn)] if r not in rec.seen]
-    if missing: raise RuntimeError(f"The UNet ran without reaching {missing}: pass need_output=True (no early stop).")
+    if missing: raise RuntimeError(f"The denoiser ran without reaching {missing}: pass need_output=True (no early stop).")
     lat, vs = tuple(sample.shape[-2:]), model.vae_scale
     hw = (lat[0] * vs, lat[1] * vs)
-    cache = ProbeCache.from_rows((len(ts), B, P), store.features, store.attention, store.lse, store.self_attention,
+    cache = ProbeCache.from_rows((len(ts), B, P), store.features, store.attention, store.lse, store.self_attention, store.renorm,
                                  timesteps=ts, prompts=[replace(e, embeddings=None) for e in prompts or []],
                                  latent_hw=lat, image_hw=list(image_hw or [hw] * B), content_hw=tuple(content_hw or hw),
-                                 read=read, meta=dict(model=model.name, vae_scale=vs) | dict(meta or {}), images=list(images or []))
+                                 read=read, meta=dict(model=model.name, family=model.family, vae_scale=vs, heads="kept" if heads or with_lse else "averaged") | dict(meta or {}), images=list(images or []))
     return (torch.cat(outs) if need_output else None), cache

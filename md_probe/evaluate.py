@@ -55,12 +55,12 @@ def forward_batch(model:DiffusionModel, # the model (left as it was)
     with torch.no_grad():
         z0 = model.encode_image(PreparedImage(pixels, hw, hw))
         zt = (model.add_noise(z0, [timestep], seed) if noise else z0)[[i for i, _ in rows]]
-    mask = torch.cat([enc[p].attention_mask for _, p in rows]) if model.pass_attention_mask else None
+    extra = {k: torch.cat([enc[p].extra[k] for _, p in rows]) for k in enc[rows[0][1]].extra}   # pooled vectors, masks
     # the engine sees one image with len(rows) prompts (grid (1, 1, rows)); each image's prompts are split off below
     _, cache = run_with_cache(model, zt, timestep, torch.cat([enc[p].embeddings for _, p in rows]), layers=layers,
                               cross_attention=list(cross_attention), self_attention=list(self_attention), read=read,
-                              store=store, with_lse=with_lse, need_output=False, encoder_attention_mask=mask,
-                              prompts=[enc[p] for _, p in rows], meta=dict(seed=seed))
+                              store=store, with_lse=with_lse, need_output=False,
+                              prompts=[enc[p] for _, p in rows], meta=dict(seed=seed), **extra)
     caches, start = [], 0
     for i, ps in enumerate(prompts):
         caches.append(dataclasses.replace(cache.select(prompt=slice(start, start + len(ps))),
@@ -155,7 +155,7 @@ class MaskDiffusionEval(EvalMethod):
     def plan(self, classes, ids):
         names = [classes[i] for i in ids]
         c = self.seg.config
-        cp = build_prompts(self.model.tokenizer, names, self.model.max_length, c.joiner, c.template)
+        cp = build_prompts(self.model, names, c.joiner, c.template)
         lut = torch.full((256,), 255, dtype=torch.long)
         lut[:len(ids)] = torch.tensor(ids)
         return cp.prompts, (names, cp.where, lut)

@@ -607,7 +607,7 @@ class SegmentationExplorer(Explorer):
         "Probe the image for `classes`: one UNet call (all timesteps and class prompts in its batch)."
         from md_probe.segment import build_prompts
         m = self.md.config
-        cp = build_prompts(self.model.tokenizer, classes, self.model.max_length, m.joiner, m.template)
+        cp = build_prompts(self.model, classes, m.joiner, m.template)
         self.cache = probe(self.model, [self.input], cp.prompts, timesteps=self.timesteps, layers=m.feature_layers,
                            cross_attention=True, seed=m.seed, read=m.read, with_lse=True, image_size=m.image_size,
                            keep_aspect=m.keep_aspect)

@@ -340,6 +340,11 @@ class Backbone:
         "(h, w) of the image tokens the denoiser's attention sees for a latent of `latent_hw` (the UNet: the latent)."
         return tuple(latent_hw)
 
+    def call_grid(self, denoiser, args:tuple, kwargs:dict)->tuple:
+        "The image-token grid (h, w) of one denoiser call, from the arguments it received (its first: the latent)."
+        x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        return self.token_grid(denoiser, tuple(x.shape[-2:]))
+
     def stride(self, model)->int:
         "Image sizes must be multiples of this."
         return model.vae_scale * 2 ** (len(model.denoiser.config.block_out_channels) - 1)
@@ -356,10 +361,11 @@ class Backbone:
         return AttentionRecorder(name, **kw)
 
     def image_stream(self, name:str, module, x, token_hw:tuple)->torch.Tensor:
-        "A module's output (or input) as image features (B, C, h, w); token sequences (B, h*w, C) are reshaped."
+        "A module's output (or input) as image features (B, C, h, w); token sequences (B, h*w, C) are reshaped (row-major)."
         x = first_tensor(x)
-        if x.ndim == 3: x = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *token_hw)
-        return x
+        if x.ndim != 3: return x
+        r = round(math.sqrt(token_hw[0] * token_hw[1] / x.shape[1]))    # a UNet level: the call's grid / 2^level
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], token_hw[0] // r, token_hw[1] // r)
 
     # -- pipelines --------------------------------------------------------------------------------------------------
     def guidance(self, pipe)->str:

@@ -26,10 +26,10 @@ def content_image(p:PreparedImage)->np.ndarray:
 def probe(model:DiffusionModel, # the model (left exactly as it was)
           image, # one image (PIL, uint8 array, float tensor) or a list of images of one size
           prompt:str|list="", # the prompt, or several prompts run side by side (e.g. chunks of a long class list)
-          timesteps=(0,), # scheduler training timesteps, all run in one UNet call
+          timesteps=(0,), # timesteps in the scheduler's units (DDPM: integers; flow matching: values in [0, 1000]), all in one call
           layers=(), # module names or globs whose features are captured
-          cross_attention:bool|str|list=False, # True: every attn2 layer; or names/globs of layers
-          self_attention:bool|str|list=False, # True: every attn1 layer (large! see above); or names/globs
+          cross_attention:bool|str|list=False, # True: every text->image attention module; or names/globs of layers
+          self_attention:bool|str|list=False, # True: every image->image attention module (large! see above); or names/globs
           seed:int=0, # seeds eps
           read:str="output", # "output" or "input" of the `layers`
           dtype=torch.float32, # dtype of the captured copies
@@ -37,10 +37,11 @@ def probe(model:DiffusionModel, # the model (left exactly as it was)
           image_size:int|None=None, # input size (default: the model's native size)
           keep_aspect:bool=False, # keep the image's aspect ratio and pad (see prepare_image)
           batch_size:int|None=None, # at most this many rows per UNet call (default: all in one call)
-          with_lse:bool=False, # also keep the attention logits' logsumexp (for exp(logits) maps)
+          with_lse:bool=False, # also keep the attention logits' logsumexp (for exp(logits) maps; keeps heads)
+          heads:bool=False, # keep every head of the text->image maps (default: averaged on the fly, heads axis 1)
          )->ProbeCache:
     "Run the UNet once on noised latents of `image` and capture features and attention; returns a `ProbeCache`."
-    ts = check_timesteps(timesteps, model.num_train_timesteps)
+    ts = model.backbone.check_timesteps(model, timesteps)
     resolve_capture(model, layers, cross_attention, self_attention, read)       # bad names fail before any work
     images = image if isinstance(image, (list, tuple)) else [image]
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -53,11 +54,11 @@ def probe(model:DiffusionModel, # the model (left exactly as it was)
     with torch.no_grad():
         z0 = torch.cat([model.encode_image(p) for p in prepared])
         zt = model.add_noise(z0, ts, seed).repeat_interleave(P, 0)                  # rows: (t, image, prompt)
-    mask = torch.cat([e.attention_mask for e in encs]) if model.pass_attention_mask else None
+    extra = {k: torch.cat([e.extra[k] for e in encs]) for k in encs[0].extra}             # pooled vectors, masks, ...
     _, cache = run_with_cache(model, zt, torch.tensor(ts).repeat_interleave(B * P), torch.cat([e.embeddings for e in encs]),
                               layers=layers, cross_attention=cross_attention, self_attention=self_attention, read=read,
-                              dtype=dtype, device=device, with_lse=with_lse, need_output=False, batch_size=batch_size,
-                              encoder_attention_mask=mask, prompts=encs, image_hw=[p.original_hw for p in prepared],
+                              dtype=dtype, device=device, with_lse=with_lse, heads=heads, need_output=False,
+                              batch_size=batch_size, prompts=encs, image_hw=[p.original_hw for p in prepared],
                               content_hw=prepared[0].content_hw, images=[content_image(p) for p in prepared],
-                              meta=dict(seed=seed))
+                              meta=dict(seed=seed), **extra)
     return cache

@@ -111,16 +111,19 @@ class ClassPrompts:
     prompts: list
     where: list  # per class: (prompt index, [token positions])
 
-def build_prompts(tokenizer, classes:list, max_length:int, joiner:str=" and ", template:str|None=None)->ClassPrompts:
-    "Join the class names into as few prompts as fit the window, and locate each class's tokens."
+def build_prompts(model, # anything with `tokenize(prompt) -> PromptEncoding`: a DiffusionModel
+                  classes:list, joiner:str=" and ", template:str|None=None,
+                  stream:str|None=None, # the text stream class tokens are read in (None: every stream that carries them)
+                 )->ClassPrompts:
+    "Join the class names into as few prompts as fit the text window(s), and locate each class's tokens."
     classes = check_classes(classes)
     fmt = template or "{}"
     if "{}" not in fmt: raise ValueError(f"template {template!r} has no '{{}}' for the class names.")
     chunks, cur = [], []
-    fits = lambda names: _try_tokenize(tokenizer, fmt.format(joiner.join(names)), max_length) is not None
+    fits = lambda names: _try_tokenize(model, fmt.format(joiner.join(names))) is not None
     for c in classes:
         if cur and not fits(cur + [c]): chunks.append(cur); cur = []
-        if not fits([c]): raise ValueError(f"The class name {c!r} alone does not fit the text encoder's window of {max_length}.")
+        if not fits([c]): raise ValueError(f"The class name {c!r} alone does not fit the text encoder's window.")
         cur.append(c)
     chunks.append(cur)
     prompts, where = [], []
@@ -132,13 +135,13 @@ def build_prompts(tokenizer, classes:list, max_length:int, joiner:str=" and ", t
             spans.append((len(words), len(words) + len(c.split()))); words += c.split()
         words += after.split()
         prompt = " ".join(words)
-        enc = tokenize_prompt(tokenizer, prompt, max_length)
-        for s, e in spans: where.append((len(prompts), [p for p, w in enumerate(enc.token_words) if s <= w < e]))
+        enc = model.tokenize(prompt)
+        where += [(len(prompts), [p for p in enc._stream_range(stream) if s <= enc.token_words[p] < e]) for s, e in spans]
         prompts.append(prompt)
     return ClassPrompts(prompts, where)
 
-def _try_tokenize(tokenizer, prompt, max_length):
-    try: return tokenize_prompt(tokenizer, prompt, max_length)
+def _try_tokenize(model, prompt):
+    try: return model.tokenize(prompt)
     except ValueError: return None
 
 # %% ../nbs/05_segment.ipynb #e0dccc9d
@@ -360,7 +363,7 @@ class MaskDiffusionConfig(MethodConfig):
     keep_aspect: bool = False     # keep the image's aspect ratio (pad) instead of resizing to a square
     image_size: int|None = None   # input size (default: the model's native size)
     batch_size: int|None = None   # rows per UNet call (default: all images in one call)
-    _layers = {"feature_layers": {}, "attention_layers": dict(cross_attention_only=True)}
+    _layers = {"feature_layers": {}, "attention_layers": dict(relation="text->image")}
 
     def __post_init__(self):
         self._check_layers("feature_layers"); self._check_layers("attention_layers")
@@ -450,10 +453,10 @@ def where_in_cache(cache:ProbeCache, classes:list)->list:
         if not own:
             if not spans[c]:
                 raise KeyError(f"{c!r} is not a word of the cache's prompts {[e.prompt for e in cache.prompts]}: probe "
-                               f"the prompts that name every class (build_prompts(tokenizer, classes, max_length).prompts).")
+                               f"the prompts that name every class (build_prompts(model, classes).prompts).")
             longer = sorted({o for p, s, n in spans[c] for o in containing(c, p, s, n)})
             raise KeyError(f"{c!r} occurs in the cache's prompts only inside the longer class names {longer}: probe "
-                           f"prompts that also name it on its own (build_prompts(tokenizer, classes, max_length).prompts).")
+                           f"prompts that also name it on its own (build_prompts(model, classes).prompts).")
         p = own[0][0]                                     # its first prompt; repeats of its own name there are averaged
         words = {w for q, s, n in own if q == p for w in range(s, s + n)}
         out.append((p, [t for t, w in enumerate(cache.prompts[p].token_words) if w in words]))
@@ -469,7 +472,7 @@ def __call__(self:MaskDiffusion, image, # an image, a list of images (batched), 
     if isinstance(image, ProbeCache):
         cache, where = image, where_in_cache(image, classes)
     else:
-        cp = build_prompts(self.model.tokenizer, classes, self.model.max_length, c.joiner, c.template)
+        cp = build_prompts(self.model, classes, c.joiner, c.template)
         cache, where = c.capture_spec.probe(self.model, images, cp.prompts, c.batch_size), cp.where
     segs = [maskdiffusion_head(cache, classes, where, c, i) for i in range(len(cache.image_hw))]
     if not isinstance(image, ProbeCache):
@@ -493,7 +496,7 @@ def attention_argmax(model:DiffusionModel, image, classes,
                      **overrides)->Segmentation:
     "Baseline: argmax over the classes' normalised attention maps (MaskDiffusion's options apply)."
     c, classes = MaskDiffusionConfig.from_args(model, config, **overrides), check_classes(classes)
-    cp = build_prompts(model.tokenizer, classes, model.max_length, c.joiner, c.template)
+    cp = build_prompts(model, classes, c.joiner, c.template)
     cache = replace(c.capture_spec, layers=()).probe(model, [image], cp.prompts, c.batch_size)   # no features
     seg = attention_argmax_head(cache, classes, cp.where, c)
     seg.image = _u8(image)

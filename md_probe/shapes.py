@@ -322,7 +322,7 @@ def train_shapes(out, # output folder: state.pt (resumable), loss.csv, shapes.sa
         start = ck["step"]
     probs, original = [], dict(unet.attn_processors)
     if grounding:
-        unet.set_attn_processor({n: AttentionRecorder(n, lambda name, p, lse: probs.append(p), keep_grad=True)
+        unet.set_attn_processor({n: AttentionRecorder(n, lambda name, p, lse: probs.append(p), keep_grad=True, heads=True)
                                  if ".attn2." in n else proc for n, proc in unet.attn_processors.items()})
     sched, tok = model.scheduler, model.tokenizer
     abar = sched.alphas_cumprod

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import contextlib
 import torch
-from .models import DiffusionModel, PromptEncoding, tokenize_prompt
+from .models import DiffusionModel, PromptEncoding, tokenize_prompt, Backbone, PIPELINES, backbone_of
 from .cache import ProbeCache
 from .engine import CaptureStore, capture, first_tensor, resolve_capture
 
@@ -15,31 +15,46 @@ __all__ = ['trace']
 
 # %% ../nbs/01b_trace.ipynb #17bde259
 class _TraceStore(CaptureStore):
-    "A `CaptureStore` that notes each UNet call and keeps one branch of classifier-free guidance."
-    def __init__(self, branch, dtype, device, self_attention):
-        super().__init__(dtype, device, self_attention)
-        self.branch, self.rows, self.calls, self.decoded = branch, slice(None), [], []
+    "A `CaptureStore` that notes each denoiser call and keeps one branch of classifier-free guidance."
+    def __init__(self, branch, dtype, device):
+        super().__init__(dtype, device)
+        self.branch, self.rows, self.calls, self.decoded, self.skip = branch, slice(None), [], [], False
 
-    def start_call(self, sample:torch.Tensor, t, guided:bool):
+    def start_call(self, sample:torch.Tensor, t, layout:str):
+        "Note one denoiser call; `layout` says where its branches are: 'halves' ([uncond, cond] rows), 'calls' (cond call, then uncond call) or 'none'."
         n = sample.shape[0]
-        guided = guided and n % 2 == 0
-        half = n // 2
-        self.rows = {"cond": slice(half, n), "uncond": slice(0, half), "both": slice(0, n)}[self.branch] if guided else slice(0, n)
+        if layout == "halves" and n % 2: layout = "none"
         t = float(torch.as_tensor(t).flatten()[0])
-        self.calls.append(dict(t=int(t) if t == int(t) else t, batch=n, guided=guided, hw=tuple(sample.shape[-2:])))
+        t = int(t) if t == int(t) else t
+        part = "cond"
+        if layout == "calls":   # the second call at one timestep is the unconditional one (the pipeline calls cond first)
+            part = "uncond" if self.calls and self.calls[-1]["t"] == t and self.calls[-1]["part"] == "cond" else "cond"
+        self.skip = layout == "calls" and self.branch not in (part, "both")
+        half = n // 2
+        self.rows = ({"cond": slice(half, n), "uncond": slice(0, half), "both": slice(0, n)}[self.branch]
+                     if layout == "halves" else slice(0, n))
+        if not self.skip: self.calls.append(dict(t=t, batch=n, layout=layout, part=part, hw=tuple(sample.shape[-2:])))
         self.decoded = []                                     # images decoded after the last call are the result
 
     def _keep(self, x): return super()._keep(x[self.rows])
+    def on_feature(self, name, x):
+        if not self.skip: super().on_feature(name, x)
+    def on_attention(self, name, probs, lse, **kw):
+        if not self.skip: super().on_attention(name, probs, lse, **kw)
+    def on_self_attention(self, name, probs):
+        if not self.skip: super().on_self_attention(name, probs)
 
 # %% ../nbs/01b_trace.ipynb #7720aad0
 def _pipe_model(pipe)->DiffusionModel:
     "A `DiffusionModel` view of a pipeline's parts (for layer names and the VAE's scale)."
     if isinstance(pipe, DiffusionModel): return pipe
+    kind = type(pipe).__name__
+    if kind in PIPELINES: return backbone_of(kind).from_pipeline(pipe)
     if not isinstance(getattr(pipe, "unet", None), torch.nn.Module):
-        raise TypeError(f"trace needs a pipeline with a .unet (a diffusers StableDiffusionPipeline, or a DiffusionModel); "
-                        f"got {type(pipe).__name__}.")
+        raise TypeError(f"trace needs a diffusers pipeline of a supported family ({', '.join(PIPELINES)}), a pipeline "
+                        f"with a .unet, or a DiffusionModel; got {kind}.")
     return DiffusionModel(pipe.unet, getattr(pipe, "text_encoder", None), getattr(pipe, "tokenizer", None),
-                          getattr(pipe, "scheduler", None), getattr(pipe, "vae", None), name=type(pipe).__name__)
+                          getattr(pipe, "scheduler", None), getattr(pipe, "vae", None), name=kind)
 
 def _encoding_from_ids(tokenizer, ids:torch.Tensor)->PromptEncoding:
     "The `PromptEncoding` of token ids a pipeline gave its text encoder: words aligned to the ids exactly."
@@ -61,30 +76,36 @@ def _encoding_from_ids(tokenizer, ids:torch.Tensor)->PromptEncoding:
                           toks, token_words, words)
 
 # %% ../nbs/01b_trace.ipynb #f818cf37
-def _call_rows(xs:list, both:bool)->torch.Tensor:
-    "Per-call tensors (rows, ...) -> one row per (call, image, prompt); with both branches a call's [uncond, cond] halves become the prompts [cond, uncond] of each image."
+def _call_rows(xs:list, both:bool, layout:str="halves")->torch.Tensor:
+    "Per-call tensors (rows, ...) -> one row per (call, image, prompt); with both branches a call's [uncond, cond] halves (or a step's cond and uncond calls) become the prompts [cond, uncond] of each image."
     if len({x.shape for x in xs}) > 1:
         raise ValueError(f"The UNet calls of this generation have different batch shapes {sorted({tuple(x.shape) for x in xs})}: "
                          "trace one generation per `with` block (and keep the guidance on or off for all its steps).")
     x = torch.stack(xs)
     T, n, rest = x.shape[0], x.shape[1], x.shape[2:]
-    if both: x = x.reshape(T, 2, n // 2, *rest).flip(1).transpose(1, 2)
+    if both and layout == "calls": x = x.reshape(T // 2, 2, n, *rest).transpose(1, 2)     # calls: cond, uncond
+    elif both: x = x.reshape(T, 2, n // 2, *rest).flip(1).transpose(1, 2)
     return x.reshape(-1, *rest)
 
 def _traced_cache(store:_TraceStore, model:DiffusionModel, te_ids:list, branch:str, prompt=None)->ProbeCache:
     "The `ProbeCache` of what `store` recorded: one timestep row per UNet call."
-    if not store.calls: raise RuntimeError("trace recorded no UNet call: run the pipeline inside the `with trace(pipe)` block.")
-    guided = store.calls[0]["guided"]
+    if not store.calls: raise RuntimeError("trace recorded no denoiser call: run the pipeline inside the `with trace(pipe)` block.")
+    layout = store.calls[0]["layout"]
+    guided = layout != "none" or any(c["part"] == "uncond" for c in store.calls)
     if branch != "cond" and not guided:
         raise ValueError(f"branch={branch!r} needs classifier-free guidance, but this generation ran without it "
                          "(guidance_scale <= 1): use branch='cond', or pass guidance=True for a loop of your own.")
     both = branch == "both" and guided
     lat, n = store.calls[0]["hw"], store.calls[0]["batch"]
-    tok = model.tokenizer
-    enc = [_encoding_from_ids(tok, ids[0]) for ids in te_ids] if tok is not None else []
-    if prompt is not None:
-        ml = getattr(tok, "model_max_length", 77)
-        enc = [tokenize_prompt(tok, prompt, ml if ml < 10_000 else 77)] + enc[1:]
+    if isinstance(te_ids, dict):       # the prompts a pipeline's own encode_prompt received
+        enc = [model.tokenize(p) for p in te_ids["prompts"]]
+        if prompt is not None: enc = [model.tokenize(prompt)] + enc[1:]
+    else:
+        tok = model.tokenizer
+        enc = [_encoding_from_ids(tok, ids[0]) for ids in te_ids] if tok is not None else []
+        if prompt is not None:
+            ml = getattr(tok, "model_max_length", 77)
+            enc = [tokenize_prompt(tok, prompt, ml if ml < 10_000 else 77)] + enc[1:]
     cond, uncond = enc[:1], enc[-1:] if len(enc) > 1 else []      # unknown prompts are filled in by the builder
     prompts = cond + uncond if both else uncond if branch == "uncond" else cond
     images = []
@@ -93,53 +114,67 @@ def _traced_cache(store:_TraceStore, model:DiffusionModel, te_ids:list, branch:s
         images = [((im.permute(1, 2, 0) / 2 + 0.5).clamp(0, 1) * 255).round().byte().cpu().numpy() for im in x]
     vs = model.vae_scale
     hw = tuple(images[0].shape[:2]) if images else (lat[0] * vs, lat[1] * vs)
-    B, P = (n // 2 if guided else n), (2 if both else 1)
-    rows = lambda d: {k: _call_rows(v, both) for k, v in d.items()}
+    B, P = (n // 2 if layout == "halves" else n), (2 if both else 1)
+    rows = lambda d: {k: _call_rows(v, both, layout) for k, v in d.items()}
+    calls = [c for c in store.calls if c["part"] == "cond"] if layout == "calls" and both else store.calls
     return ProbeCache.from_rows((len(store.calls), B, P), rows(store.features), rows(store.attention), rows(store.lse),
-                                rows(store.self_attention), timesteps=[c["t"] for c in store.calls], prompts=prompts,
+                                rows(store.self_attention), rows(store.renorm), timesteps=[c["t"] for c in calls], prompts=prompts,
                                 latent_hw=tuple(lat), image_hw=[hw] * B, content_hw=hw, read="output", images=images,
-                                meta=dict(model=model.name, vae_scale=vs, source="trace", branch=branch, guided=guided,
-                                          calls=len(store.calls)))
+                                meta=dict(model=model.name, family=model.family, vae_scale=vs, source="trace", branch=branch,
+                                          guided=guided, guidance=layout, calls=len(store.calls),
+                                          heads="kept" if store.heads else "averaged"))
 
 # %% ../nbs/01b_trace.ipynb #0cdca9a9
 @contextlib.contextmanager
-def trace(pipe, # a diffusers pipeline with .unet (StableDiffusionPipeline, ...), or a DiffusionModel
+def trace(pipe, # a diffusers pipeline of a supported family (StableDiffusion, SDXL, PixArt, SD3, Flux), or a DiffusionModel
           layers=(), # module names or globs whose output is recorded at every call
-          cross_attention:bool|str|list=True, # True: every attn2 layer; or names/globs
-          self_attention:bool|str|list=False, # True: every attn1 layer (large!); or names/globs
+          cross_attention:bool|str|list=True, # True: every text->image attention module; or names/globs
+          self_attention:bool|str|list=False, # True: every image->image attention module (large!); or names/globs
           branch:str="cond", # under classifier-free guidance: "cond", "uncond" or "both"
           dtype=torch.float32, # dtype of the recorded copies
           device=None, # device of the recorded copies (default: the model's)
-          guidance:bool|None=None, # None: read pipe.do_classifier_free_guidance at each call; or force it
+          guidance:bool|None=None, # None: read the pipeline's own state at each call (`Backbone.guidance`); or force it
           prompt:str|None=None, # the prompt, when the text encoder does not run inside the block (prompt_embeds, own loop)
+          heads:bool=False, # keep every head of the text->image maps (default: averaged on the fly)
          ):
-    "Context manager: record every UNet call of a generation into the `ProbeCache` it yields; restores everything."
+    "Context manager: record every denoiser call of a generation into the `ProbeCache` it yields; restores everything."
     if branch not in ("cond", "uncond", "both"): raise ValueError(f"branch={branch!r}: use 'cond', 'uncond' or 'both'.")
     model = _pipe_model(pipe)
     feats, xattn, sattn = resolve_capture(model, layers, cross_attention, self_attention)
-    store, te_ids = _TraceStore(branch, dtype, device, sattn), []
+    store = _TraceStore(branch, dtype, device)
+    store.heads = heads
+    sd_text = model.family in ("sd", "shapes")   # one CLIP encoder: the prompt is read from the ids it receives
+    te_ids = [] if sd_text else dict(prompts=[])
     cache = ProbeCache()                                  # yielded empty; filled in place when the block ends
-    def on_unet(mod, args, kwargs):
-        sample = args[0] if args else kwargs["sample"]
+    def layout():
+        if guidance is not None: return "halves" if guidance else "none"
+        return model.backbone.guidance(pipe)
+    def on_call(mod, args, kwargs):
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         t = args[1] if len(args) > 1 else kwargs["timestep"]
-        g = guidance
-        if g is None:
-            try: g = bool(getattr(pipe, "do_classifier_free_guidance", False))
-            except AttributeError: g = False
-        store.start_call(sample, t, g)
+        store.start_call(sample, t, layout())
     def on_text(mod, args, kwargs):
         ids = args[0] if args else kwargs.get("input_ids")
         if isinstance(ids, torch.Tensor): te_ids.append(ids.detach().cpu())
-    handles = []
+    handles, wrapped = [], None
     try:
-        handles.append(model.denoiser.register_forward_pre_hook(on_unet, with_kwargs=True))
-        if isinstance(model.text_encoder, torch.nn.Module):
+        handles.append(model.denoiser.register_forward_pre_hook(on_call, with_kwargs=True))
+        if sd_text and isinstance(model.text_encoder, torch.nn.Module):
             handles.append(model.text_encoder.register_forward_pre_hook(on_text, with_kwargs=True))
+        elif not sd_text and hasattr(pipe, "encode_prompt"):
+            wrapped = pipe.encode_prompt                  # an instance attribute, removed in `finally`
+            def encode_prompt(*a, **k):
+                p = k.get("prompt", a[0] if a else None)
+                neg = k.get("negative_prompt")
+                if isinstance(p, str) and not te_ids["prompts"]: te_ids["prompts"] += [p, neg if isinstance(neg, str) else ""]
+                return wrapped(*a, **k)
+            pipe.encode_prompt = encode_prompt
         dec = getattr(model.vae, "decoder", None)
         if isinstance(dec, torch.nn.Module):
             handles.append(dec.register_forward_hook(lambda m, a, out: store.decoded.append(first_tensor(out).detach().cpu())))
-        with capture(model.denoiser, feats, xattn, sattn, "output", store):
+        with capture(model.denoiser, feats, xattn, sattn, "output", store, heads=heads, backbone=model.backbone):
             yield cache
     finally:
         for h in handles: h.remove()
+        if wrapped is not None: del pipe.encode_prompt
     vars(cache).update(vars(_traced_cache(store, model, te_ids, branch, prompt)))

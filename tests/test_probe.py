@@ -11,7 +11,7 @@ torch.set_num_threads(1)
 
 from md_probe.models import load_model, PreparedImage
 from md_probe.engine import (AttentionRecorder, CaptureStore, attached, capture, list_layers, resolve_layers,
-                             run_with_cache, _unet_info, _UNET_INFO, _UNetInfo)
+                             run_with_cache,  _LAYER_INFO, _LayerInfo, _info)
 from md_probe.probe import probe
 from md_probe.evaluate import forward_batch   # the runner's batched forward: a thin front of run_with_cache
 
@@ -74,18 +74,18 @@ def test_early_stop_equals_full_forward(tiny, data):
 def test_stop_that_would_miss_a_recording_raises(tiny):
     "A wrong execution order (here planted) makes the forward stop too early: the engine refuses, and restores."
     m, z, t, encs = tiny
-    info = _unet_info(m.denoiser)
+    info = _info(m)
     before = attached(m.denoiser)
     swapped = [(n, k) for n, k in info.events]
     i, j = swapped.index(("down_blocks.0", "post")), swapped.index(("up_blocks.1", "post"))
     swapped[i], swapped[j] = swapped[j], swapped[i]           # claims up_blocks.1 ends before down_blocks.0
-    _UNET_INFO[m.denoiser] = _UNetInfo(info.shapes, swapped)
+    _LAYER_INFO[m.denoiser] = _LayerInfo(info.shapes, swapped, info.relations)
     try:
         with pytest.raises(RuntimeError, match="without reaching.*up_blocks.1.*need_output=True"):
             _run(m, z, t, encs, layers=["down_blocks.0", "up_blocks.1"], need_output=False)
         _, c = _run(m, z, t, encs, layers=["down_blocks.0", "up_blocks.1"])    # no stop asked: fine
         assert list(c) == ["down_blocks.0", "up_blocks.1"]
-    finally: _UNET_INFO[m.denoiser] = info
+    finally: _LAYER_INFO[m.denoiser] = info
     assert attached(m.denoiser) == before
 
 
@@ -118,8 +118,10 @@ def test_nested_captures_chain_and_restore(tiny):
         assert mod.processor is level_a and level_b.outer is level_a and level_a.outer is None
     assert mod.processor is original
     assert len(a.attention[name]) == 2 and len(b.attention[name]) == 1 and len(b.lse[name]) == 1
-    assert torch.equal(a.attention[name][1], b.attention[name][0])
-    assert torch.equal(c.probs[name].flatten(0, 2), b.attention[name][0])
+    # b keeps heads (with_lse), a and c average them on the fly: the same call's numbers
+    assert b.attention[name][0].shape[1] == mod.heads and a.attention[name][1].shape[1] == 1
+    assert torch.allclose(a.attention[name][1], b.attention[name][0].mean(1, keepdim=True), atol=1e-7)
+    assert torch.equal(c.probs[name].flatten(0, 2), a.attention[name][1])
 
 
 def test_a_foreign_processor_is_restored_not_chained(tiny):
@@ -142,11 +144,11 @@ def test_a_foreign_processor_is_restored_not_chained(tiny):
 def test_unet_measurement_lives_with_the_unet():
     m = load_model("tiny")
     list_layers(m)
-    n = len(_UNET_INFO)
-    assert m.denoiser in _UNET_INFO and "_layer_shapes" not in vars(m)
+    n = len(_LAYER_INFO)
+    assert m.denoiser in _LAYER_INFO and "_layer_shapes" not in vars(m)
     del m
     gc.collect()
-    assert len(_UNET_INFO) == n - 1
+    assert len(_LAYER_INFO) == n - 1
 
 
 def test_forward_batch_over_run_with_cache(tiny):
@@ -155,7 +157,7 @@ def test_forward_batch_over_run_with_cache(tiny):
     imgs = [(np.random.default_rng(i).random((64, 64, 3)) * 255).astype(np.uint8) for i in range(3)]
     pixels = torch.cat([m.prepare_image(im).pixels for im in imgs])
     prompts = [["a cat"], ["a dog", "grassland and sky"], ["a cat"]]
-    attn = resolve_layers(m, "up_blocks.1", cross_attention_only=True)
+    attn = resolve_layers(m, "up_blocks.1", relation="text->image")
     calls = []
     h = m.denoiser.register_forward_pre_hook(lambda *a: calls.append(1))
     try:

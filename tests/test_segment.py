@@ -55,7 +55,7 @@ def test_cache_path_locates_each_class_by_its_own_span(tiny, tiny_words, tokeniz
     model = tiny if tokenizer == "tiny" else tiny_words
     classes = ["grass", "grass tree", "sky"] if dataset == "audit" else class_names(dataset)
     md = MaskDiffusion(model)
-    cp = build_prompts(model.tokenizer, classes, model.max_length)
+    cp = build_prompts(model, classes)
     image = noise_image()
     cache = md.config.capture_spec.probe(model, image, cp.prompts)
     where = where_in_cache(cache, classes)
@@ -110,7 +110,7 @@ def test_upsample_scores_without_padding_is_bilinear_resizing(tiny):
 def test_integer_grid_follows_the_latent(tiny):
     assert grid_shape(4, (8, 16)) == (2, 4) and grid_shape(4, (16, 8)) == (4, 2) and grid_shape(4, (8, 8)) == (4, 4)
     cfg = MaskDiffusionConfig.for_model(tiny, grid=4, attention_grid=4, keep_aspect=True, image_size=128)
-    cp = build_prompts(tiny.tokenizer, ["cat", "sky"], tiny.max_length)
+    cp = build_prompts(tiny, ["cat", "sky"])
     cache = cfg.capture_spec.probe(tiny, noise_image(64, 128), cp.prompts)
     assert cache.latent_hw == (8, 16)                                           # a 64 x 128 input, not padded
     assert pixel_features(cache, cfg.feature_layers, 4).shape[-2:] == (2, 4)   # square cells, not 4 x 4

@@ -22,8 +22,8 @@ class CallCounter:
     "Counts UNet forward calls (a pre-hook on model.denoiser) and the batch size of each."
     def __init__(self, unet): self.denoiser, self.batches = unet, []
     def __enter__(self):
-        from md_probe.engine import _unet_info
-        _unet_info(self.denoiser)   # the engine's one-time measurement of a UNet (a small dummy forward) is not a probe's call
+        from md_probe.engine import _layer_info, backbone_for
+        _layer_info(self.denoiser, backbone_for(self.denoiser))   # the engine's one-time measurement of a UNet (a small dummy forward) is not a probe's call
         self.h = self.denoiser.register_forward_pre_hook(lambda m, a, kw: self.batches.append((a[0] if a else kw["sample"]).shape[0]),
                                                      with_kwargs=True)
         return self

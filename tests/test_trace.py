@@ -63,7 +63,7 @@ def daam_reference(pipe, prompt, word, **gen):
 
 
 def test_daam_matches_reference(sharp_pipe):
-    with trace(sharp_pipe) as cache:
+    with trace(sharp_pipe, heads=True) as cache:
         ref, heat, idx = daam_reference(sharp_pipe, PROMPT, "grassland", generator=torch.Generator().manual_seed(0), **GEN)
     assert len(idx) == 8 and idx == cache.prompts[0].positions("grassland")     # 4 tokens x 2 occurrences
     assert {cache.probs[n].shape[3] for n, _ in heat} == {2, 4, 8}        # levels differ in heads
@@ -84,7 +84,7 @@ def test_daam_other_words_and_scheduler(sharp_pipe):
                          skip_prk_steps=True, steps_offset=1)
     pipe = make_pipe(load_model("tiny"), pndm)
     pipe.unet, pipe.text_encoder = sharp_pipe.unet, sharp_pipe.text_encoder
-    with trace(pipe) as cache:
+    with trace(pipe, heads=True) as cache:
         ref, _, _ = daam_reference(pipe, PROMPT, "cat", generator=torch.Generator().manual_seed(1), **GEN)
     assert len(cache.timesteps) == 4 and len(set(cache.timesteps)) == 3      # PNDM repeats its first timestep
     torch.testing.assert_close(cache.word_attention("cat", aggregate="daam"), ref, rtol=1e-5, atol=1e-6)
@@ -141,8 +141,8 @@ def test_trace_branches_and_restore():
             finally: boom.remove()
     after = {k: attached(v) for k, v in (("unet", m.denoiser), ("text", m.text_encoder), ("vae", m.vae))}
     assert after == before
-    with pytest.raises(RuntimeError, match="recorded no UNet call"):
-        with trace(pipe): pass
+    with pytest.raises(RuntimeError, match="recorded no denoiser call"):
+        with trace(pipe, heads=True): pass
     with pytest.raises(ValueError, match="branch="): trace(pipe, branch="cfg").__enter__()
 
 
@@ -159,7 +159,7 @@ def test_trace_own_loop_without_guidance():
     assert c.timesteps == m.scheduler.timesteps.tolist() and not c.meta["guided"] and c.images == []
     assert c.prompts[0].words == []                    # the text encoder ran before the block: words unknown ...
     with pytest.raises(KeyError, match="its words are"): c.word_attention("grassland")
-    with trace(m, guidance=False, prompt="a cat and grassland") as named:   # ... unless the prompt is given
+    with trace(m, guidance=False, heads=True, prompt="a cat and grassland") as named:   # ... unless the prompt is given
         with torch.no_grad():
             for t in m.scheduler.timesteps: m.denoiser(z, t, encoder_hidden_states=enc.embeddings)
     assert named.prompts[0].positions("grassland") == enc.positions("grassland")
