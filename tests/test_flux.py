@@ -255,3 +255,96 @@ def test_layers_and_defaults(flux):
     assert d["feature_layers"] == ("transformer_blocks.1", "single_transformer_blocks.0")
     assert d["attention_layers"] == tuple(n + ".attn" for n in d["feature_layers"])
     assert flux.backbone.dummy_forward(flux.denoiser) == (4, 4)
+
+
+# -- through the engine's capture --------------------------------------------------------------------------------------
+
+def _ref_blocks(flux, x, enc, t):
+    "Per attention module: the reference joint softmax P from its recorded inputs, and the plain denoiser output."
+    den, bb = flux.denoiser, flux.backbone
+    seen = {}
+    hs = [den.get_submodule(n).register_forward_pre_hook(lambda mod, a, kw, n=n: seen.__setitem__(n, kw), with_kwargs=True)
+          for n in _attn_modules(flux)]
+    try:
+        with torch.no_grad(): out = bb.denoise(den, x, torch.tensor([t]), enc.embeddings, **enc.extra)
+    finally:
+        for h in hs: h.remove()
+    with torch.no_grad():
+        P = {n: _reference(den.get_submodule(n), kw["hidden_states"], kw.get("encoder_hidden_states"), kw["image_rotary_emb"])
+             for n, kw in seen.items()}
+    return P, out
+
+
+@pytest.mark.parametrize("heads", [True, False])
+def test_capture_equals_first_principles(flux, heads):
+    from md_probe.engine import capture, attached
+    x, enc = _inputs(flux, seed=3)
+    den, bb = flux.denoiser, flux.backbone
+    P, ref_out = _ref_blocks(flux, x, enc, 420.0)
+    names = _attn_modules(flux)
+    before = attached(den)
+    with capture(den, cross_attention=names, self_attention=names, heads=heads, backbone=bb) as store:
+        with torch.no_grad(): out = bb.denoise(den, x, torch.tensor([420.0]), enc.embeddings, **enc.extra)
+    assert attached(den) == before
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    T = enc.embeddings.shape[1]
+    for n in names:
+        text, image = P[n][:, :, T:, :T], P[n][:, :, T:, T:]
+        got = torch.cat(store.attention[n])
+        want = text if heads else text.mean(1, keepdim=True)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        renorm = text / text.sum(-1, keepdim=True)                        # softmax over the text keys, per head
+        torch.testing.assert_close(torch.cat(store.renorm[n]), renorm if heads else renorm.mean(1, keepdim=True), atol=1e-5, rtol=0)
+        img = image / image.sum(-1, keepdim=True)                         # the engine keeps image rows normalised over image keys
+        torch.testing.assert_close(torch.cat(store.self_attention[n]), img.mean(1), atol=1e-5, rtol=0)
+
+
+def test_capture_restores_on_error(flux):
+    from md_probe.engine import capture, attached
+    x, enc = _inputs(flux)
+    den, bb = flux.denoiser, flux.backbone
+    before = attached(den)
+    procs = {n: den.get_submodule(n).processor for n in _attn_modules(flux)}
+    boom = den.get_submodule("single_transformer_blocks.1").register_forward_pre_hook(lambda *a: 1 / 0)
+    try:
+        with pytest.raises(ZeroDivisionError):
+            with capture(den, features=["single_transformer_blocks.0"], cross_attention=_attn_modules(flux), backbone=bb):
+                with torch.no_grad(): bb.denoise(den, x, torch.tensor([100.0]), enc.embeddings, **enc.extra)
+    finally: boom.remove()
+    assert attached(den) == before
+    assert all(den.get_submodule(n).processor is p for n, p in procs.items())
+
+
+def test_probe_features_equal_forward_hook(flux):
+    import numpy as np
+    from md_probe.probe import probe
+    img = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+    layers = ["transformer_blocks.1", "single_transformer_blocks.0"]
+    cache = probe(flux, img, "a photo of a grassy cat", timesteps=[100, 750.5], layers=layers, cross_attention=True)
+    assert cache.attention("single_transformer_blocks.0.attn", t=750.5).shape == (1, 16, flux.max_length)
+    assert cache.word_attention("grassy", t=100).shape == (4, 4)
+    # the same features from a plain forward hook on the same inputs
+    enc = flux.encode_prompt("a photo of a grassy cat")
+    with torch.no_grad(): zt = flux.add_noise(flux.encode_image(img), [750.5])
+    outs = {}
+    hs = [flux.denoiser.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: outs.__setitem__(n, o[1])) for n in layers]
+    try:
+        with torch.no_grad(): flux.backbone.denoise(flux.denoiser, zt, torch.tensor([750.5]), enc.embeddings, **enc.extra)
+    finally:
+        for h in hs: h.remove()
+    for n in layers:
+        want = outs[n][0].T.reshape(-1, 4, 4)
+        torch.testing.assert_close(cache.features(n, t=750.5), want, atol=1e-5, rtol=1e-5)
+
+
+def test_call_grid_timestep_latent(flux, pipe):
+    got = []
+    h = flux.denoiser.register_forward_pre_hook(lambda mod, a, kw: got.append(
+        (flux.backbone.call_grid(mod, a, kw), flux.backbone.call_timestep(mod, a, kw), flux.backbone.call_latent_hw(mod, a, kw))),
+        with_kwargs=True)
+    try: _generate(pipe, flux)
+    finally: h.remove()
+    assert [g[0] for g in got] == [(4, 4)] * 2 and [g[2] for g in got] == [(8, 8)] * 2
+    for (_, t, _), ref in zip(got, pipe.scheduler.timesteps):
+        assert abs(t - float(ref)) < 1e-3
