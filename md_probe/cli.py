@@ -264,8 +264,11 @@ def _model(args):
 
 def _check_timesteps(model, timesteps, option:str):
     "A UsageError for a timestep outside the model's scheduler (before its UNet runs)."
-    try: model.backbone.check_timesteps(model, timesteps)
-    except ValueError as e: raise UsageError(f"{option}: {e}") from None
+    for t in timesteps:
+        try: model.backbone.check_timesteps(model, [t])
+        except ValueError as e:
+            if "outside" not in str(e): raise UsageError(f"{option}: {e}") from None
+            raise UsageError(f"{option} {t:g} is outside the scheduler's range of {model.name}: {e}") from None
 
 def _check_image_size(model, size, option:str="--image-size"):
     "A UsageError for an image size that is not a multiple of the model's stride (as `prepare_image` requires)."

@@ -162,6 +162,10 @@ def backbone_for(denoiser:torch.nn.Module)->Backbone:
 def _hookable(denoiser, backbone):
     return [(n, m) for n, m in denoiser.named_modules() if n and type(m).__name__ in backbone.layer_kinds]
 
+def _relations(model:DiffusionModel)->dict:
+    "Attention module name -> what it relates ('text->image', 'image->image'), from names and classes (no forward)."
+    return {n: r for n, m in _hookable(model.denoiser, model.backbone) if (r := model.backbone.relations(n, m))}
+
 @dataclass
 class _LayerInfo:
     "What one dummy forward of a denoiser shows: each hookable layer's shapes, and the order its modules start and end."
@@ -238,7 +242,7 @@ def resolve_layers(model:DiffusionModel, patterns, # names or globs (str or iter
     "Module names matching `patterns`, in model order; a clear error for names that match nothing."
     if isinstance(patterns, str): patterns = [patterns]
     listed = [n for n, _ in _hookable(model.denoiser, model.backbone)]
-    if relation: listed = [n for n in listed if relation in _info(model).relations.get(n, ())]
+    if relation: listed = [n for n in listed if relation in _relations(model).get(n, ())]
     modules = dict(model.denoiser.named_modules())
     found = []
     for p in patterns:
@@ -277,7 +281,7 @@ def resolve_capture(model:DiffusionModel, layers=(), # feature layers: names or 
     "The module names one capture records; a clear error for a bad name, a bad `read`, or nothing to record."
     _check_read(read)
     feats = resolve_layers(model, _as_patterns(layers, []))
-    rel = _info(model).relations
+    rel = _relations(model)
     def every(r):
         if names := [n for n, rs in rel.items() if r in rs]: return names
         raise ValueError(f"{model.name} ({model.family}) has no attention module with {r} attention.")

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from fastcore.basics import patch
-from .models import DiffusionModel, tokenize_prompt, normalize_word, image_to_tensor
+from .models import DiffusionModel, _resolve, tokenize_prompt, normalize_word, image_to_tensor
 from .probe import probe, ProbeCache, resolve_layers
 from .sweep import default_grid
 from .utils import atomic_write
@@ -247,12 +247,18 @@ FAMILY_DEFAULTS = {
     # cross-attention of the mid and up blocks (16x16 and 8x8), t = 50
     "shapes": dict(feature_layers=("up_blocks.1.resnets.1", "up_blocks.2.resnets.1"), read="input",
                    attention_layers=("mid_block.attentions.*.attn2", "up_blocks.*.attentions.*.attn2"), timestep=50),
+    # the other families choose by a rule stated on their own page, from the denoiser's architecture ("module:function",
+    # imported when first used): a starting point, not tuned on any benchmark
+    "sdxl": "md_probe.sdxl:default_layers", "pixart": "md_probe.pixart:default_layers",
+    "sd3": "md_probe.sd3:default_layers", "flux": "md_probe.flux:default_layers",
 }
 
 def family_defaults(model:DiffusionModel)->dict:
     "What `for_model` fills for `model`: the grid that suits its latent (`default_grid`), then its family's entry."
     g = default_grid(model)
-    return dict(grid=g, attention_grid=g) | FAMILY_DEFAULTS.get(model.family, {})
+    entry = FAMILY_DEFAULTS.get(model.family, {})
+    if isinstance(entry, str): entry = _resolve(entry)(model.denoiser)
+    return dict(grid=g, attention_grid=g) | entry
 
 # %% ../nbs/05_segment.ipynb #32272fe5
 @dataclass(frozen=True, kw_only=True)
@@ -349,7 +355,7 @@ class MaskDiffusionConfig(MethodConfig):
     feature_layers: tuple         # modules whose output (or input) are the pixel features
     attention_layers: tuple       # attn2 modules whose maps weight the representatives
     read: str = "output"          # read the feature layers' "output" or "input"
-    timestep: int = 0             # the noise timestep t of the UNet call
+    timestep: float = 0            # the noise timestep t of the UNet call
     grid: int = 32                # long side of the grid of the features and scores (see `grid_shape`)
     attention_grid: int = 32      # long side of the grid the attention layers are averaged on
     similarity: str = "cosine"    # "cosine" (paper) or "dot" (released code: unnormalised representative)
@@ -369,7 +375,7 @@ class MaskDiffusionConfig(MethodConfig):
         self._check_layers("feature_layers"); self._check_layers("attention_layers")
         self._check_choice("read", ("output", "input")); self._check_choice("similarity", ("cosine", "dot"))
         self._check_choice("attention", ("softmax", "exp_logits"))
-        for n in ("timestep", "seed"): self._check_number(n, 0, integer=True)
+        self._check_number("timestep", 0); self._check_number("seed", 0, integer=True)   # flow matching: float timesteps
         for n in ("grid", "attention_grid"): self._check_number(n, 1, integer=True)
         for n in ("image_size", "batch_size"): self._check_number(n, 1, integer=True, optional=True)
         self._check_number("weight_power", 0)
@@ -542,7 +548,7 @@ class UnsupervisedConfig(MethodConfig):
     "Unsupervised MaskDiffusion's options (METHOD.md section 4), frozen; `for_model(model)` fills the model's defaults."
     feature_layers: tuple         # modules whose output (or input) are the pixel features
     read: str = "output"          # read the feature layers' "output" or "input"
-    timestep: int = 0             # the noise timestep t of the UNet call
+    timestep: float = 0            # the noise timestep t of the UNet call
     grid: int = 32                # long side of the grid the pixels are clustered on (see `grid_shape`)
     k: int|None = None            # segments per image, or None: the eigengap picks one in `k_range`
     k_range: tuple = (2, 12)      # the eigengap's candidate k (inclusive)
@@ -556,7 +562,7 @@ class UnsupervisedConfig(MethodConfig):
 
     def __post_init__(self):
         self._check_layers("feature_layers"); self._check_choice("read", ("output", "input"))
-        for n in ("timestep", "seed"): self._check_number(n, 0, integer=True)
+        self._check_number("timestep", 0); self._check_number("seed", 0, integer=True)   # flow matching: float timesteps
         self._check_number("grid", 1, integer=True)
         for n in ("k", "knn", "image_size"): self._check_number(n, 1, integer=True, optional=True)
         self._check_number("power", 0)
