@@ -6,12 +6,12 @@
 from __future__ import annotations
 import math, sys
 import torch
-from .models import (Backbone, DiffusionModel, PromptEncoding, TINY_WORDS, clip_bpe_tokenizer, first_tensor,
+from .models import (Backbone, DiffusionModel, PromptEncoding, TINY_WORDS, clip_bpe_tokenizer, first_tensor, t5_tokenizer,
                              join_streams, tokenize_prompt, _seeded)
 from .engine import AttentionRecorder
 
 # %% auto #0
-__all__ = ['FLUX_SCHEDULER', 'FLUX1_DEV', 'FluxRecorder', 'Flux', 't5_tokenizer', 'tiny_flux', 'flux_blocks', 'flux_layer_table',
+__all__ = ['FLUX_SCHEDULER', 'FLUX1_DEV', 'FluxRecorder', 'Flux', 'tiny_flux', 'flux_blocks', 'flux_layer_table',
            'default_layers']
 
 # %% ../nbs/02d_flux.ipynb #d33cf48b
@@ -89,13 +89,6 @@ class Flux(Backbone):
         return enc
 
     # -- noise ----------------------------------------------------------------------------------------------------
-    def add_noise(self, model, z0:torch.Tensor, timesteps:list, eps:torch.Tensor)->torch.Tensor:
-        "Flow matching: z_t = (1 - sigma) z_0 + sigma eps with sigma = t / num_train_timesteps, t-major (T*B, ...)."
-        z = z0.repeat(len(timesteps), *([1] * (z0.ndim - 1)))
-        s = torch.tensor(timesteps, dtype=torch.float32, device=z.device).repeat_interleave(z0.shape[0])
-        s = (s / model.num_train_timesteps).view(-1, *([1] * (z0.ndim - 1)))
-        return (1 - s) * z + s * eps.expand_as(z)
-
     # -- the denoiser ---------------------------------------------------------------------------------------------
     def denoise(self, denoiser, sample:torch.Tensor, timestep:torch.Tensor, context:torch.Tensor,
                 pooled_projections:torch.Tensor=None, guidance:float|None=None)->torch.Tensor:
@@ -181,12 +174,7 @@ class Flux(Backbone):
         calls per step, conditional first), else 'none'. Read from the running call's own `do_true_cfg` (FluxPipeline keeps
         it local; its `guidance_scale` is the distilled guidance embedding, not a second branch): ask from inside a
         denoiser call (as `trace` does from its pre-hook); outside a pipeline call the answer is 'none'."""
-        f = sys._getframe(1)
-        while f is not None:
-            if f.f_code.co_name == "__call__" and f.f_locals.get("self") is pipe:
-                return "calls" if f.f_locals.get("do_true_cfg", False) else "none"
-            f = f.f_back
-        return "none"
+        return "calls" if (self.call_locals(pipe) or {}).get("do_true_cfg", False) else "none"
 
     def from_pipeline(self, pipe, name:str|None=None)->DiffusionModel:
         "A `DiffusionModel` over a FluxPipeline's own components; max_length = T5's window (at most 512, the pipeline's default)."
@@ -207,18 +195,6 @@ class Flux(Backbone):
                     scheduler=model.scheduler) | model.extra
 
 # %% ../nbs/02d_flux.ipynb #d167dcb6
-def t5_tokenizer(words, # words that become single tokens ("▁word" pieces)
-                 max_length:int=512, # model_max_length (FluxPipeline's max_sequence_length)
-                ):
-    "A T5 (SentencePiece Unigram) tokenizer built offline: `words` are single tokens, other lower-case words are spelled in letters."
-    from transformers import T5TokenizerFast
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -1.0) for w in dict.fromkeys(words)]
-    pieces += [("▁" + c, -4.0) for c in letters if "▁" + c not in dict(pieces)] + [(c, -5.0) for c in letters] + [("▁", -6.0)]
-    tok = T5TokenizerFast(vocab=pieces, extra_ids=0)
-    tok.model_max_length = max_length
-    return tok
-
 FLUX_SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15,
                       num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)   # FLUX.1-dev's scheduler_config.json
 

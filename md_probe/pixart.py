@@ -4,14 +4,12 @@
 
 # %% ../nbs/02b_pixart.ipynb #d2d8fbbf
 from __future__ import annotations
-import inspect
 import torch
-from .models import (Backbone, DiffusionModel, PromptEncoding, tokenize_prompt, TINY_WORDS, _seeded, _native_size,
+from .models import (Backbone, DiffusionModel, PromptEncoding, tokenize_prompt, TINY_WORDS, _seeded, _native_size, t5_tokenizer,
                              _pipeline_class)
 
 # %% auto #0
-__all__ = ['MAX_LENGTH', 'VAE_SCALE', 'PIXART_SIGMA_XL2', 'PixArt', 't5_tokenizer', 'tiny_pixart', 'pixart_layer_table',
-           'default_layers']
+__all__ = ['MAX_LENGTH', 'VAE_SCALE', 'PIXART_SIGMA_XL2', 'PixArt', 'tiny_pixart', 'pixart_layer_table', 'default_layers']
 
 # %% ../nbs/02b_pixart.ipynb #0174573d
 # the T5 window each pipeline class uses by default (its `max_sequence_length`)
@@ -57,14 +55,6 @@ class PixArt(Backbone):
         enc.extra = dict(encoder_attention_mask=mask)
         return enc
 
-    def add_noise(self, model, z0:torch.Tensor, timesteps:list, eps:torch.Tensor)->torch.Tensor:
-        "DDPM noising sqrt(abar_t) z0 + sqrt(1 - abar_t) eps from the scheduler's `alphas_cumprod`, for any t (t-major)."
-        # PixArt ships DPMSolverMultistepScheduler, whose own add_noise only knows the timesteps of its current schedule
-        z = z0.repeat(len(timesteps), *([1] * (z0.ndim - 1)))
-        t = torch.tensor(timesteps).repeat_interleave(z0.shape[0])
-        a = model.scheduler.alphas_cumprod[t].to(z.device, torch.float32).view(-1, *([1] * (z0.ndim - 1)))
-        return a.sqrt() * z + (1 - a).sqrt() * eps.expand_as(z)
-
     def denoise(self, denoiser, sample:torch.Tensor, timestep:torch.Tensor, context:torch.Tensor,
                 encoder_attention_mask:torch.Tensor|None=None, **extra)->torch.Tensor:
         "The noise prediction (N, C, h, w) the pipeline uses: the first half of the output channels when sigma is learned."
@@ -103,15 +93,9 @@ class PixArt(Backbone):
         """'halves' ([uncond, cond]) when the running PixArt pipeline call guides, else 'none'. The pipeline keeps its
         decision (`guidance_scale > 1`) in a local of `__call__`, not on itself: this reads it from the call's frame,
         so it answers from inside a generation (a denoiser pre-hook); outside one it answers 'none'."""
-        f = inspect.currentframe()
-        try:
-            while f is not None:
-                if f.f_code.co_name == "__call__" and f.f_locals.get("self") is pipe:
-                    loc = f.f_locals
-                    if "do_classifier_free_guidance" in loc: return "halves" if loc["do_classifier_free_guidance"] else "none"
-                    if "guidance_scale" in loc: return "halves" if loc["guidance_scale"] > 1 else "none"
-                f = f.f_back
-        finally: del f
+        loc = self.call_locals(pipe) or {}
+        if "do_classifier_free_guidance" in loc: return "halves" if loc["do_classifier_free_guidance"] else "none"
+        if "guidance_scale" in loc: return "halves" if loc["guidance_scale"] > 1 else "none"
         return super().guidance(pipe)
 
     def from_pipeline(self, pipe, name:str|None=None)->DiffusionModel:
@@ -142,23 +126,15 @@ class PixArt(Backbone):
                     transformer=model.denoiser, scheduler=model.scheduler)
 
 # %% ../nbs/02b_pixart.ipynb #ddcfd79a
-def t5_tokenizer(words=TINY_WORDS, # words that become single tokens ("▁word")
-                 model_max_length:int=300):
-    "A T5 (SentencePiece-Unigram) tokenizer built offline: `words` are single tokens; other words fall to letters."
-    from transformers import T5Tokenizer
-    letters = "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'-"
-    vocab = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)] + [("▁" + w, -1.0) for w in dict.fromkeys(words)]
-             + [(c, -5.0) for c in letters])
-    tok = T5Tokenizer(vocab=vocab, extra_ids=0)
-    tok.model_max_length = model_max_length
-    return tok
+# the offline T5 tokenizer is models.t5_tokenizer
+
 
 # %% ../nbs/02b_pixart.ipynb #7e407ed4
 def tiny_pixart()->DiffusionModel:
     "PixArt-Σ's architecture with tiny widths (2 blocks, 3 heads x 8, T5 2 layers x 32) and seeded random weights."
     from diffusers import PixArtTransformer2DModel, AutoencoderKL, DPMSolverMultistepScheduler
     from transformers import T5Config, T5EncoderModel
-    tok = t5_tokenizer(TINY_WORDS)
+    tok = t5_tokenizer(TINY_WORDS, max_length=300)
     tr = _seeded(0, lambda: PixArtTransformer2DModel(
         sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3, in_channels=4,
         out_channels=8, cross_attention_dim=24, caption_channels=32, attention_bias=True, activation_fn="gelu-approximate",

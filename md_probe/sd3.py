@@ -5,13 +5,12 @@
 # %% ../nbs/02c_sd3.ipynb #sd3c0001
 from __future__ import annotations
 import torch
-from .models import (Backbone, DiffusionModel, PromptEncoding, tokenize_prompt, join_streams, clip_bpe_tokenizer,
+from .models import (Backbone, DiffusionModel, PromptEncoding, tokenize_prompt, join_streams, clip_bpe_tokenizer, t5_tokenizer,
                               TINY_WORDS, _seeded, _native_size)
 from .engine import AttentionRecorder
 
 # %% auto #0
-__all__ = ['SD35_MEDIUM', 'JointAttentionRecorder', 'SD3', 't5_unigram_tokenizer', 'tiny_sd3', 'default_layers',
-           'sd3_layer_table']
+__all__ = ['SD35_MEDIUM', 'JointAttentionRecorder', 'SD3', 'tiny_sd3', 'default_layers', 'sd3_layer_table']
 
 # %% ../nbs/02c_sd3.ipynb #sd3c0006
 def _heads_view(x, heads:int):
@@ -95,13 +94,6 @@ class SD3(Backbone):
         return enc
 
     # -- noise ------------------------------------------------------------------------------------------------------
-    def add_noise(self, model, z0:torch.Tensor, timesteps:list, eps:torch.Tensor)->torch.Tensor:
-        "Flow matching: z_t = (1 - sigma) z_0 + sigma eps with sigma = t / num_train_timesteps, t-major (T*B, ...)."
-        z = z0.repeat(len(timesteps), *([1] * (z0.ndim - 1)))
-        s = (torch.tensor(timesteps, dtype=torch.float64) / model.num_train_timesteps).repeat_interleave(z0.shape[0])
-        s = s.to(z.device, z.dtype).view(-1, *([1] * (z0.ndim - 1)))
-        return (1 - s) * z + s * eps.expand_as(z)
-
     # -- the denoiser ---------------------------------------------------------------------------------------------
     def denoise(self, denoiser, sample, timestep, context, pooled_projections=None, **extra):
         "The pipeline's call: hidden_states, timestep (scheduler units), encoder_hidden_states, pooled_projections."
@@ -163,17 +155,6 @@ class SD3(Backbone):
                     scheduler=model.scheduler) | model.extra
 
 # %% ../nbs/02c_sd3.ipynb #sd3c0011
-def t5_unigram_tokenizer(words, # words that become single tokens ("▁word")
-                         model_max_length:int=256):
-    "A T5 tokenizer built offline (Unigram, as T5's): `words` are single tokens, other words split into letters."
-    from transformers import T5Tokenizer
-    letters = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    vocab += [("▁" + w, -1.0) for w in dict.fromkeys(words)] + [(c, -3.0) for c in letters]
-    tok = T5Tokenizer(vocab=vocab, extra_ids=0)
-    tok.model_max_length = model_max_length
-    return tok
-
 def _flow_scheduler():
     from diffusers import FlowMatchEulerDiscreteScheduler
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)   # SD3's scheduler config
@@ -186,7 +167,7 @@ def tiny_sd3(t5:bool=True, # with the T5 encoder (False: the pipeline's zeros in
     tok = clip_bpe_tokenizer(TINY_WORDS)
     tok2 = clip_bpe_tokenizer(TINY_WORDS)
     tok2.pad_token = "!"    # as SD3's CLIP-G tokenizer: another pad id, the same positions
-    tok3 = t5_unigram_tokenizer(TINY_WORDS)
+    tok3 = t5_tokenizer(TINY_WORDS, max_length=256)
     # CLIP-L 16 + CLIP-G 24 wide (40, zero-padded to the joint width 48 = T5's), pooled 16 + 24 = 40
     def clip(seed, tk, width):
         cfg = CLIPTextConfig(vocab_size=len(tk), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,

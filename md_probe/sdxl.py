@@ -57,15 +57,6 @@ class SDXL(Backbone):
         enc.extra = dict(text_embeds=pooled)
         return enc
 
-    def add_noise(self, model, z0:torch.Tensor, timesteps:list, eps:torch.Tensor)->torch.Tensor:
-        """sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps from the scheduler's `alphas_cumprod`: what the UNet reads. SDXL ships
-        `EulerDiscreteScheduler`, whose own `add_noise` gives z_0 + sigma eps, which its pipeline divides by
-        sqrt(sigma^2 + 1) (`scale_model_input`) before the UNet: the same input."""
-        z = z0.repeat(len(timesteps), *([1] * (z0.ndim - 1)))
-        abar = model.scheduler.alphas_cumprod.to(z.device, torch.float32)[torch.tensor(timesteps)]
-        abar = abar.repeat_interleave(z0.shape[0]).view(-1, *([1] * (z0.ndim - 1)))
-        return abar.sqrt() * z + (1 - abar).sqrt() * eps.expand_as(z)
-
     def time_ids(self, sample:torch.Tensor)->torch.Tensor:
         "The pipeline's default time ids for `sample`'s image: (original size, crop top-left (0, 0), target size) in pixels, (N, 6)."
         H, W = (s * self.vae_scale for s in sample.shape[-2:])
@@ -88,16 +79,6 @@ class SDXL(Backbone):
         denoiser(z(1, c.in_channels, side, side), 0, z(1, 2, c.cross_attention_dim),
                  added_cond_kwargs=dict(text_embeds=z(1, d_text), time_ids=z(1, 6)))
         return (side, side)
-
-    def image_stream(self, name:str, module, x, token_hw:tuple)->torch.Tensor:
-        """A module's output as image features (B, C, h, w). Token sequences (B, N, C) inside the UNet sit at the grid of
-        their level: `token_hw` (the latent's) halved, rounding up as the UNet's stride-2 convolutions do, until it holds N."""
-        x = first_tensor(x)
-        if x.ndim != 3: return x
-        (h, w), n = token_hw, x.shape[1]
-        while h * w > n: h, w = -(-h // 2), -(-w // 2)
-        if h * w != n: raise ValueError(f"{name}: {n} tokens are no level of the {token_hw} latent grid.")
-        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
 
     def from_pipeline(self, pipe, name:str|None=None)->DiffusionModel:
         "A `DiffusionModel` over a `StableDiffusionXLPipeline`'s own components (CLIP-G and its tokenizer in `extra`)."
