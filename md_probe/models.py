@@ -302,6 +302,7 @@ class Backbone:
     pipeline = "StableDiffusionPipeline"    # the diffusers pipeline class of the family's checkpoints
     flow_matching = False                   # timesteps: integer DDPM steps (False) or flow-matching values (True)
     layer_kinds = _UNET_KINDS               # module classes that `list_layers` shows
+    blocks = ("ResnetBlock2D",)             # the classes whose outputs the explorers show by default
     default_stream = None                   # the text stream words are located in by default (None: every stream)
 
     # -- text ---------------------------------------------------------------------------------------------------
