@@ -68,6 +68,7 @@ class Flux(Backbone):
     pipeline = "FluxPipeline"
     flow_matching = True
     layer_kinds = ("FluxTransformerBlock", "FluxSingleTransformerBlock", "FluxAttention")
+    blocks = ("FluxTransformerBlock", "FluxSingleTransformerBlock")   # what the explorers show by default
     default_stream = "t5"          # FLUX has one text stream: T5's positions
     guidance_scale = 3.5           # FluxPipeline's default embedded (distilled) guidance, fed when config.guidance_embeds
 

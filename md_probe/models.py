@@ -302,6 +302,7 @@ class Backbone:
     pipeline = "StableDiffusionPipeline"    # the diffusers pipeline class of the family's checkpoints
     flow_matching = False                   # timesteps: integer DDPM steps (False) or flow-matching values (True)
     layer_kinds = _UNET_KINDS               # module classes that `list_layers` shows
+    blocks = ("ResnetBlock2D",)             # the classes whose outputs the explorers show by default
     default_stream = None                   # the text stream words are located in by default (None: every stream)
 
     # -- text ---------------------------------------------------------------------------------------------------
@@ -618,7 +619,9 @@ BUILTIN_MODELS = {"tiny": "md_probe.models:tiny_model", "sd15-random": "md_probe
                   "shapes": "md_probe.shapes:shapes_model", "shapes-random": "md_probe.shapes:shapes_random_model",
                   "shapes-generative": "md_probe.shapes:shapes_generative_model",
                   "tiny-sdxl": "md_probe.sdxl:tiny_sdxl", "tiny-pixart": "md_probe.pixart:tiny_pixart",
-                  "tiny-sd3": "md_probe.sd3:tiny_sd3", "tiny-flux": "md_probe.flux:tiny_flux"}
+                  "tiny-sd3": "md_probe.sd3:tiny_sd3", "tiny-flux": "md_probe.flux:tiny_flux",
+                  "shapes-mmdit": "md_probe.shapes:shapes_mmdit_model",
+                  "shapes-mmdit-random": "md_probe.shapes:shapes_mmdit_random_model"}
 
 # model_index.json's pipeline class -> the backbone that loads it
 PIPELINES = {"StableDiffusionPipeline": "md_probe.models:Backbone",
@@ -661,7 +664,7 @@ def _load_sd(path, dtype, name):
     "Components of a Stable Diffusion checkpoint (folder or hub id), each from its subfolder."
     from diffusers import UNet2DConditionModel, AutoencoderKL, DDIMScheduler
     from transformers import CLIPTextModel, AutoTokenizer
-    kw = dict(torch_dtype=dtype)
+    kw = dict(dtype=dtype)   # diffusers 0.42 renamed torch_dtype
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=re.escape(_HUB_NOISE), category=UserWarning)
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)

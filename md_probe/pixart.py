@@ -25,6 +25,7 @@ class PixArt(Backbone):
     family = "pixart"
     pipeline = "PixArtSigmaPipeline"
     layer_kinds = ("BasicTransformerBlock", "Attention")
+    blocks = ("BasicTransformerBlock",)   # what the explorers show by default
     default_stream = None   # one stream, T5
 
     def __init__(self, pipeline:str|None=None): # "PixArtAlphaPipeline" or "PixArtSigmaPipeline" (default)

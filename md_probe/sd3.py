@@ -53,6 +53,7 @@ class SD3(Backbone):
     pipeline = "StableDiffusion3Pipeline"
     flow_matching = True
     layer_kinds = _SD3_KINDS
+    blocks = ("JointTransformerBlock",)   # what the explorers show by default
     default_stream = None           # words are located in both streams, "clip" and "t5" (stream= picks one)
     max_sequence_length = 256       # T5 positions on the text axis: the pipeline's default `max_sequence_length`
 
