@@ -151,7 +151,7 @@ class LayerTable(list):
 # %% ../nbs/01a_engine.ipynb #444f048b
 def backbone_for(denoiser:torch.nn.Module)->Backbone:
     "The backbone that drives `denoiser`, from its class (an SDXL UNet by its text-time embedding)."
-    from .models import _resolve
+    from md_probe.models import _resolve
     kind = type(denoiser).__name__
     if kind == "UNet2DConditionModel" and getattr(denoiser.config, "addition_embed_type", None) == "text_time":
         return _resolve("md_probe.sdxl:SDXL")()
@@ -349,7 +349,7 @@ def capture(denoiser:torch.nn.Module, # the UNet or transformer to read (restore
             rec = backbone.recorder(n, modules[n], sink=store.on_attention if n in cross_attention else None,
                                     self_sink=store.on_self_attention if n in self_attention else None,
                                     with_lse=with_lse and n in cross_attention, heads=heads,
-                                    outer=prev if isinstance(prev, AttentionRecorder) else None)
+                                    outer=prev if callable(getattr(prev, "attend", None)) else None)   # a recorder of any family
             modules[n].set_processor(rec)
             for mod, fn in (rec.hooks(n, denoiser) if hasattr(rec, "hooks") else []):
                 handles.append(mod.register_forward_pre_hook(fn, with_kwargs=True))

@@ -389,7 +389,7 @@ class Backbone:
 
     def recorder(self, name:str, module, **kw):
         "The attention processor that records `module` (see engine.AttentionRecorder for `kw`)."
-        from .engine import AttentionRecorder
+        from md_probe.engine import AttentionRecorder
         return AttentionRecorder(name, **kw)
 
     def image_stream(self, name:str, module, x, token_hw:tuple)->torch.Tensor:
@@ -427,6 +427,10 @@ class Backbone:
         return DiffusionModel(pipe.unet, pipe.text_encoder, tok, pipe.scheduler, pipe.vae, name=name or type(pipe).__name__,
                               image_size=_native_size(pipe.unet, pipe.vae),
                               max_length=tok.model_max_length if tok.model_max_length < 10_000 else 77, backbone=self)
+
+    def load(self, path, dtype, name:str)->DiffusionModel:
+        "A checkpoint of the family (folder or hub id), each part from its subfolder, as `load_model` loads it."
+        return _load_sd(path, dtype, name)
 
     def components(self, model)->dict:
         "The model's parts under their pipeline names (what `save_pretrained` writes)."
@@ -654,11 +658,9 @@ def backbone_of(pipeline:str)->Backbone:
 def _load_diffusers(path, dtype, name):
     "A checkpoint (folder or hub id) of any supported pipeline class, loaded by its family's backbone."
     backbone = backbone_of(_pipeline_class(path))
-    if type(backbone) is not Backbone:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=re.escape(_HUB_NOISE), category=UserWarning)
-            return backbone.load(path, dtype, name)
-    return _load_sd(path, dtype, name)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=re.escape(_HUB_NOISE), category=UserWarning)
+        return backbone.load(path, dtype, name)
 
 def _load_sd(path, dtype, name):
     "Components of a Stable Diffusion checkpoint (folder or hub id), each from its subfolder."
