@@ -52,6 +52,7 @@ class AttentionRecorder:
         partial_text = text and (text_keys.start or 0, text_keys.stop) != (0, Sk)     # joint softmax: text is a block
         partial_image = image and (image_keys.start or 0, image_keys.stop) != (0, Sk)
         step = max(1, self.chunk_bytes // (4 * B * H * Sk))
+        keep_heads = any(r.heads for r in chain)
         kt, outs = k.float().transpose(-1, -2), []
         parts = [dict(probs=[], lse=[], renorm=[], self=[]) for _ in chain]
         for s in range(0, S, step):
@@ -60,13 +61,15 @@ class AttentionRecorder:
                 m = mask.float()
                 logits = logits + (m[..., s:s + step, :] if m.ndim >= 2 and m.shape[-2] == S else m)
             lse = logits.logsumexp(-1, keepdim=True)
-            p = (logits - lse).exp()
+            p = logits.sub_(lse).exp_() if not torch.is_grad_enabled() else (logits - lse).exp()   # in place: one chunk alive
+            del logits
             outs.append(p.to(v.dtype) @ v)
             lo, hi = max(s, queries.start or 0), min(s + step, queries.stop if queries.stop is not None else S)
             if hi <= lo or not (text or image): continue
             rows = slice(lo - s, hi - s)
-            pt = p[:, :, rows, text_keys] if text else None
-            pi = p[:, :, rows, image_keys] if image else None
+            own = (lambda x: x.clone()) if keep_heads else (lambda x: x)   # kept heads: copies, so the chunk's rows are freed
+            pt = own(p[:, :, rows, text_keys]) if text else None
+            pi = own(p[:, :, rows, image_keys]) if image else None
             rn = pt / pt.sum(-1, keepdim=True) if partial_text else None
             if partial_image: pi = pi / pi.sum(-1, keepdim=True)
             for r, acc in zip(chain, parts):
