@@ -123,7 +123,7 @@ def _traced_cache(store:_TraceStore, model:DiffusionModel, te_ids:list, branch:s
     B, P = (n // 2 if layout == "halves" else n), (2 if both else 1)
     rows = lambda d: {k: _call_rows(v, both, layout) for k, v in d.items()}
     calls = [c for c in store.calls if c["part"] == "cond"] if layout == "calls" and both else store.calls
-    return ProbeCache.from_rows((len(store.calls), B, P), rows(store.features), rows(store.attention), rows(store.lse),
+    return ProbeCache.from_rows((len(calls), B, P), rows(store.features), rows(store.attention), rows(store.lse),
                                 rows(store.self_attention), rows(store.renorm), timesteps=[c["t"] for c in calls], prompts=prompts,
                                 latent_hw=tuple(lat), image_hw=[hw] * B, content_hw=hw, read="output", images=images,
                                 meta=dict(model=model.name, family=model.family, vae_scale=vs, source="trace", branch=branch,
