@@ -435,7 +435,8 @@ class Backbone:
     def components(self, model)->dict:
         "The model's parts under their pipeline names (what `save_pretrained` writes)."
         return dict(unet=model.denoiser, vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
-                    scheduler=model.scheduler, safety_checker=None, feature_extractor=None) | model.extra
+                    scheduler=model.scheduler, safety_checker=None, feature_extractor=None,
+                    requires_safety_checker=False) | model.extra
 
 def first_tensor(x):
     "The tensor a module returned (diffusers outputs hold it in `.sample`; tuples first)."
@@ -732,7 +733,10 @@ def save_pretrained(self:DiffusionModel, path):
     import diffusers
     if self.vae is None: raise ValueError("Pixel-space models are saved with md_probe.shapes.save_shapes, not as a pipeline folder.")
     pipe = getattr(diffusers, self.backbone.pipeline)(**self.backbone.components(self))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*safety checker.*")   # none is written on purpose
-        pipe.save_pretrained(path)
+    from transformers.utils import logging as tf_logging
+    bars = tf_logging.is_progress_bar_enabled()
+    tf_logging.disable_progress_bar()          # a bar per text encoder shard says nothing about a local write
+    try: pipe.save_pretrained(path)
+    finally:
+        if bars: tf_logging.enable_progress_bar()
     return Path(path)
