@@ -16,7 +16,7 @@ from .evaluate import EVAL_METHODS, evaluate, make_method, method_key, process_s
 from .reproduce import DEFAULT_SD, REPRODUCE_DATASETS, REPRODUCE_METHODS, reproduce_rows, reproduce_table, shapes_report
 
 # %% auto #0
-__all__ = ['MAX_LABELS', 'UsageError', 'positive_int', 'nonnegative_int', 'seed_int', 'finite_positive_float',
+__all__ = ['MAX_LABELS', 'UsageError', 'positive_int', 'nonnegative_int', 'timestep_value', 'seed_int', 'finite_positive_float',
            'finite_nonnegative_float', 'segments_arg', 'k_arg', 'names_arg', 'device_arg', 'dtype_arg', 'dtype_or_auto',
            'write_together', 'safe_file_name', 'cmd_segment', 'cmd_layers', 'heatmap_file_names', 'save_word_heatmaps',
            'cmd_probe', 'cmd_train_shapes', 'cmd_shapes_report', 'add_eval_args', 'cmd_eval', 'add_reproduce_args',
@@ -45,8 +45,17 @@ def positive_int(v:str)->int:
     return _int_from(v, 1)
 
 def nonnegative_int(v:str)->int:
-    "An integer >= 0 (`--timestep`, `--timesteps`, `--num-workers`)."
+    "An integer >= 0 (`--num-workers`)."
     return _int_from(v, 0)
+
+def timestep_value(v:str)->int|float:
+    "A timestep >= 0 (`--timestep`, `--timesteps`): an int as written, or a float (flow matching: SD3, FLUX); the model's backbone checks its range."
+    try: return _int_from(v, 0)
+    except argparse.ArgumentTypeError: pass
+    try: x = float(v)
+    except ValueError: x = math.nan
+    if not (math.isfinite(x) and x >= 0): raise argparse.ArgumentTypeError(f"pass a timestep >= 0, not {v!r}")
+    return x
 
 def seed_int(v:str)->int:
     "A seed: an integer in [0, 2**32 - 1], which numpy and torch both take."
@@ -613,7 +622,7 @@ def build_parser()->argparse.ArgumentParser:
     s.add_argument("images", nargs="+"); s.add_argument("--classes", help="comma-separated class names (2 to 255)")
     s.add_argument("--out", default="outputs")
     s.add_argument("--unsupervised", type=segments_arg, metavar="K", help="K unnamed segments (1 to 255), or eigengap")
-    s.add_argument("--timestep", type=nonnegative_int, default=None, help="the noise timestep (default: the model's)")
+    s.add_argument("--timestep", type=timestep_value, default=None, help="the noise timestep (default: the model's)")
     s.add_argument("--image-size", "--size", dest="image_size", type=positive_int, default=None,
                    help="input size in pixels, a multiple of the model's stride (default: the model's)")
     _common(s); s.set_defaults(func=cmd_segment)
@@ -622,7 +631,7 @@ def build_parser()->argparse.ArgumentParser:
     s.add_argument("--pattern"); _common(s); s.set_defaults(func=cmd_layers)
     s = sub.add_parser("probe", help="probe an image, save the cache (safetensors)")
     s.add_argument("image"); s.add_argument("--prompt", default=""); s.add_argument("--layers", nargs="*", default=[])
-    s.add_argument("--timesteps", nargs="+", type=nonnegative_int, default=[0]); s.add_argument("--cross-attention", action="store_true")
+    s.add_argument("--timesteps", nargs="+", type=timestep_value, default=[0]); s.add_argument("--cross-attention", action="store_true")
     s.add_argument("--read", "--capture", dest="read", default="output", choices=("output", "input"),
                    help="read the output or the input of --layers"); s.add_argument("--out", default="probe.safetensors")
     s.add_argument("--image-size", "--size", dest="image_size", type=positive_int, default=None, help="input size (default: the model's)")

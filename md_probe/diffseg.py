@@ -11,13 +11,19 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from .models import DiffusionModel, PreparedImage
 from .probe import CaptureStore, ProbeCache, list_layers, resolve_layers, run_with_cache, content_image
+from .engine import resolve_capture
 from .segment import Segmentation, upsample_scores
 
 # %% auto #0
-__all__ = ['DIFFSEG_SHAPES_TAU', 'DIFFSEG_TAU', 'DIFFSEG_RELEASED', 'diffseg_weights', 'SelfAttentionAggregate', 'sym_kl',
-           'diffseg_anchors', 'diffseg_merge', 'diffseg_merge_step', 'diffseg_refine', 'DiffSegConfig', 'DiffSeg']
+__all__ = ['DIFFSEG_SHAPES_TAU', 'DIFFSEG_TAU', 'DIFFSEG_RELEASED', 'self_attention_layers', 'diffseg_weights',
+           'SelfAttentionAggregate', 'sym_kl', 'diffseg_anchors', 'diffseg_merge', 'diffseg_merge_step',
+           'diffseg_refine', 'DiffSegConfig', 'DiffSeg']
 
 # %% ../nbs/05a_diffseg.ipynb #19d6566c
+def self_attention_layers(model:DiffusionModel)->list:
+    "Every image->image attention module of the model, in model order (the UNet's `attn1`; a transformer's self or joint attention)."
+    return resolve_capture(model, self_attention=True)[2]
+
 def diffseg_weights(model:DiffusionModel, # the model whose attn1 layers are weighted
                     image_hw:tuple, # (H, W) of the prepared input (the layers' sides depend on it)
                     weighting:str="method", # "method": per layer, side / sum of all layers' sides (METHOD.md 7.2);
@@ -25,7 +31,7 @@ def diffseg_weights(model:DiffusionModel, # the model whose attn1 layers are wei
                    )->dict: # attn1 name -> weight; the weights sum to 1
     "DiffSeg's aggregation weight of each self-attention layer: proportional to its map side."
     table = {l.name: l.resolution for l in list_layers(model, tuple(image_hw))}
-    sides = {n: math.sqrt(table[n][0] * table[n][1]) for n in resolve_layers(model, "*attn1")}
+    sides = {n: math.sqrt(table[n][0] * table[n][1]) for n in self_attention_layers(model)}
     if weighting == "method": return {n: s / sum(sides.values()) for n, s in sides.items()}
     if weighting != "released": raise ValueError(f"weighting={weighting!r}: use 'method' or 'released'.")
     count = {s: list(sides.values()).count(s) for s in set(sides.values())}
@@ -185,7 +191,7 @@ class DiffSeg:
         overrides = {k: v for k, v in overrides.items() if v is not None}   # None keeps the value, as in segment's configs
         self.model = model
         self.config = replace(config, **overrides) if config is not None else DiffSegConfig.for_model(model, **overrides)
-        self.layers = resolve_layers(model, "*attn1")
+        self.layers = self_attention_layers(model)
 
     def __repr__(self):
         c = self.config
@@ -193,8 +199,9 @@ class DiffSeg:
                 f"{c.iterations} iterations, refine={c.refine}, weighting={c.weighting!r}, merge_dtype={c.merge_dtype!r})")
 
     def store(self, pixel_hw:tuple)->SelfAttentionAggregate:
-        "A fresh aggregate for inputs of `pixel_hw` (the grid is the latent grid)."
-        grid = tuple(s // self.model.vae_scale for s in pixel_hw)
+        "A fresh aggregate for inputs of `pixel_hw` (on the image-token grid: the latent grid for a UNet)."
+        m = self.model
+        grid = m.backbone.token_grid(m.denoiser, tuple(s // m.vae_scale for s in pixel_hw))   # the finest maps' grid
         if grid[0] * grid[1] > self.config.max_grid:
             gb = (grid[0] * grid[1]) ** 2 * 4 / 2**30
             raise ValueError(f"DiffSeg aggregates a (G², G²) matrix; a {grid[0]}x{grid[1]} latent grid needs {gb:.1f} GB per "
@@ -205,7 +212,8 @@ class DiffSeg:
              cache:ProbeCache, # that image's cache (for its sizes)
             )->Segmentation:
         "Merge, refine and pick: DiffSeg's segments of one image from its aggregate."
-        c, grid = self.config, cache.latent_hw
+        c, m = self.config, self.model
+        grid = m.backbone.token_grid(m.denoiser, tuple(cache.latent_hw))      # the aggregate's grid (see `store`)
         props = diffseg_merge(A, diffseg_anchors(grid, c.anchors_per_side), c.tau, c.iterations, c.merge_dtype)
         if c.refine: props = diffseg_refine(A, props, c.seed)
         up = upsample_scores(props.reshape(-1, *grid), cache)

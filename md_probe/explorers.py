@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from .models import DiffusionModel, normalize_word, STOPWORDS
-from .probe import ProbeCache, probe
+from .probe import ProbeCache, probe, list_layers
 from .widgets import figure_widget
 
 # %% auto #0
@@ -254,6 +254,10 @@ def _grid_trace(go, z, H, W, **kw):
     "A heat map of an (h, w) map drawn over an (H, W) image's pixel axes (cells as blocks)."
     return go.Heatmap(z=z, **_on_grid(H, W, *z.shape[:2]), **kw)
 
+def _blocks(model:DiffusionModel)->list:
+    "The model's blocks (`Backbone.blocks`: resnets for a UNet, transformer blocks otherwise): the explorers' default layers."
+    return [l.name for l in list_layers(model) if l.kind in model.backbone.blocks]
+
 class _PixelFeatures(Explorer):
     """What `FeatureExplorer` and `ClusterExplorer` share: a cache with features (probed once when built from a
     model), the layer and timestep controls, the image, and each (layer, timestep)'s unit pixel features, computed
@@ -262,7 +266,7 @@ class _PixelFeatures(Explorer):
                  on_change, # what a move of the layer or timestep control runs
                 ):
         if isinstance(source, DiffusionModel):
-            probe_kw = dict(timesteps=_timesteps(source, timesteps), layers=layers or "*resnets.*") | probe_kw
+            probe_kw = dict(timesteps=_timesteps(source, timesteps), layers=layers or _blocks(source)) | probe_kw
         cache, model = _source(source, image, prompt, **probe_kw)
         if not cache.feats: raise ValueError("This cache holds no features: probe with layers=[...] (see list_layers).")
         super().__init__(cache, model, image if isinstance(image, int) else 0)
@@ -635,8 +639,11 @@ class SegmentationExplorer(Explorer):
     def _overlay(self):
         "The label overlay of the current segmentation (a plotly figure: image, labels, legend)."
         from md_probe import viz
-        s = self.seg
-        return viz.overlay(_image_of(self.cache, self.image), s.labels, s.classes, opacity=self.controls["opacity"].value)
+        s, img = self.seg, _image_of(self.cache, self.image)
+        if img.shape[:2] != tuple(s.labels.shape):   # the cache keeps what the model saw; labels are at the input's size
+            from PIL import Image
+            img = np.asarray(Image.fromarray(img).resize(tuple(s.labels.shape)[::-1], Image.BILINEAR))
+        return viz.overlay(img, s.labels, s.classes, opacity=self.controls["opacity"].value)
 
     def _build(self):
         """One figure, so that a control change is one message and one redraw: the overlay (left, both rows), then per

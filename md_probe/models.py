@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_models.ipynb #4081a768
 from __future__ import annotations
-import os, re, json, math, warnings
+import os, re, sys, json, math, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -13,9 +13,9 @@ from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['STOPWORDS', 'WHITE', 'TINY_WORDS', 'BUILTIN_MODELS', 'PIPELINES', 'resolve_dtype', 'normalize_word', 'PromptEncoding',
-           'tokenize_prompt', 'join_streams', 'clip_bpe_tokenizer', 'load_image', 'PreparedImage', 'image_to_tensor',
-           'Backbone', 'first_tensor', 'DiffusionModel', 'prepare_image', 'check_timesteps', 'tiny_model',
-           'sd15_random_model', 'backbone_of', 'load_model']
+           'tokenize_prompt', 'join_streams', 'clip_bpe_tokenizer', 't5_tokenizer', 'load_image', 'PreparedImage',
+           'image_to_tensor', 'Backbone', 'first_tensor', 'DiffusionModel', 'prepare_image', 'check_timesteps',
+           'tiny_model', 'sd15_random_model', 'backbone_of', 'load_model']
 
 # %% ../nbs/00_models.ipynb #05a9bcc8
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -148,6 +148,19 @@ def clip_bpe_tokenizer(words, # words that become single tokens (lower-case lett
     for special in ("<|startoftext|>", "<|endoftext|>"): vocab[special] = len(vocab)
     tok = CLIPTokenizer(vocab=vocab, merges=list(ranks))
     tok.model_max_length = 77
+    return tok
+
+# %% ../nbs/00_models.ipynb #60c2aebf
+def t5_tokenizer(words, # words that become single tokens ("▁word" pieces)
+                 max_length:int=512, # model_max_length (the pipeline's max_sequence_length)
+                ):
+    "A T5 (SentencePiece Unigram) tokenizer built offline: `words` are single tokens, other lower-case words are spelled in letters."
+    from transformers import T5TokenizerFast
+    letters = "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'-"
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -1.0) for w in dict.fromkeys(words)]
+    pieces += [("▁" + c, -4.0) for c in letters if "▁" + c not in dict(pieces)] + [(c, -5.0) for c in letters] + [("▁", -6.0)]
+    tok = T5TokenizerFast(vocab=pieces, extra_ids=0)
+    tok.model_max_length = max_length
     return tok
 
 # %% ../nbs/00_models.ipynb #ec8138bd
@@ -289,6 +302,7 @@ class Backbone:
     pipeline = "StableDiffusionPipeline"    # the diffusers pipeline class of the family's checkpoints
     flow_matching = False                   # timesteps: integer DDPM steps (False) or flow-matching values (True)
     layer_kinds = _UNET_KINDS               # module classes that `list_layers` shows
+    blocks = ("ResnetBlock2D",)             # the classes whose outputs the explorers show by default
     default_stream = None                   # the text stream words are located in by default (None: every stream)
 
     # -- text ---------------------------------------------------------------------------------------------------
@@ -318,10 +332,18 @@ class Backbone:
         return check_timesteps(timesteps, model.num_train_timesteps, integer=not self.flow_matching)
 
     def add_noise(self, model, z0:torch.Tensor, timesteps:list, eps:torch.Tensor)->torch.Tensor:
-        "z_t of the float32 latents `z0` (B, ...) for each timestep, t-major (T*B, ...): the scheduler's `add_noise`."
+        """z_t of the float32 latents `z0` (B, ...) for each timestep, t-major (T*B, ...). DDPM-style: sqrt(abar_t) z_0 +
+        sqrt(1 - abar_t) eps from the scheduler's `alphas_cumprod` (what DDPM/DDIM's `add_noise` gives; Euler and DPM-Solver,
+        which SDXL and PixArt ship, noise in their own parametrisation, which their pipelines rescale to this before the
+        denoiser). Flow matching: (1 - sigma) z_0 + sigma eps with sigma = t / num_train_timesteps (`scale_noise`)."""
         z = z0.repeat(len(timesteps), *([1] * (z0.ndim - 1)))
-        t = torch.tensor(timesteps).repeat_interleave(z0.shape[0]).to(z.device)
-        return model.scheduler.add_noise(z, eps.expand_as(z), t)
+        t = torch.tensor(timesteps, dtype=torch.float64).repeat_interleave(z0.shape[0])
+        shape = (-1, *([1] * (z0.ndim - 1)))
+        if self.flow_matching:
+            s = (t / model.num_train_timesteps).to(z.device, z.dtype).view(shape)
+            return (1 - s) * z + s * eps.expand_as(z)
+        a = model.scheduler.alphas_cumprod.to(z.device, torch.float32)[t.long().to(z.device)].view(shape)
+        return a.sqrt() * z + (1 - a).sqrt() * eps.expand_as(z)
 
     # -- the denoiser ---------------------------------------------------------------------------------------------
     def denoise(self, denoiser, sample:torch.Tensor, timestep:torch.Tensor, context:torch.Tensor, **extra)->torch.Tensor:
@@ -345,6 +367,16 @@ class Backbone:
         x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         return self.token_grid(denoiser, tuple(x.shape[-2:]))
 
+    def call_timestep(self, denoiser, args:tuple, kwargs:dict)->float:
+        "The scheduler's timestep of one denoiser call, from what the denoiser received (FLUX overrides: it receives t / 1000)."
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        return float(torch.as_tensor(t).flatten()[0])
+
+    def call_latent_hw(self, denoiser, args:tuple, kwargs:dict)->tuple:
+        "The latent (h, w) of one denoiser call (FLUX overrides: its tokens are packed)."
+        x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        return tuple(x.shape[-2:])
+
     def stride(self, model)->int:
         "Image sizes must be multiples of this."
         return model.vae_scale * 2 ** (len(model.denoiser.config.block_out_channels) - 1)
@@ -361,17 +393,33 @@ class Backbone:
         return AttentionRecorder(name, **kw)
 
     def image_stream(self, name:str, module, x, token_hw:tuple)->torch.Tensor:
-        "A module's output (or input) as image features (B, C, h, w); token sequences (B, h*w, C) are reshaped (row-major)."
+        """A module's output (or input) as image features (B, C, h, w). Token sequences (B, N, C) are reshaped row-major on
+        the grid of their level: `token_hw` halved, rounding up as the UNet's stride-2 convolutions do, until it holds N."""
         x = first_tensor(x)
         if x.ndim != 3: return x
-        r = round(math.sqrt(token_hw[0] * token_hw[1] / x.shape[1]))    # a UNet level: the call's grid / 2^level
-        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], token_hw[0] // r, token_hw[1] // r)
+        (h, w), n = token_hw, x.shape[1]
+        while h * w > n: h, w = -(-h // 2), -(-w // 2)
+        if h * w != n: raise ValueError(f"{name}: {n} tokens are no level of the {token_hw} token grid.")
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
 
     # -- pipelines --------------------------------------------------------------------------------------------------
     def guidance(self, pipe)->str:
         "How a pipeline's denoiser calls hold classifier-free guidance: 'halves' ([uncond, cond] rows), 'calls' (two calls per step, conditional first) or 'none'."
         try: return "halves" if getattr(pipe, "do_classifier_free_guidance", False) else "none"
         except AttributeError: return "none"
+
+    @staticmethod
+    def call_locals(pipe)->dict|None:
+        """The local variables of `pipe`'s running `__call__` (None outside one). Some pipelines keep their guidance decision
+        there, not on themselves (PixArt's `do_classifier_free_guidance`, FLUX's `do_true_cfg`): `guidance` reads it from
+        inside a generation (trace asks from its denoiser pre-hook)."""
+        f = sys._getframe(1)
+        try:
+            while f is not None:
+                if f.f_code.co_name == "__call__" and f.f_locals.get("self") is pipe: return dict(f.f_locals)
+                f = f.f_back
+        finally: del f
+        return None
 
     def from_pipeline(self, pipe, name:str|None=None)->DiffusionModel:
         "A `DiffusionModel` over a diffusers pipeline's own components (nothing copied)."
@@ -571,7 +619,9 @@ BUILTIN_MODELS = {"tiny": "md_probe.models:tiny_model", "sd15-random": "md_probe
                   "shapes": "md_probe.shapes:shapes_model", "shapes-random": "md_probe.shapes:shapes_random_model",
                   "shapes-generative": "md_probe.shapes:shapes_generative_model",
                   "tiny-sdxl": "md_probe.sdxl:tiny_sdxl", "tiny-pixart": "md_probe.pixart:tiny_pixart",
-                  "tiny-sd3": "md_probe.sd3:tiny_sd3", "tiny-flux": "md_probe.flux:tiny_flux"}
+                  "tiny-sd3": "md_probe.sd3:tiny_sd3", "tiny-flux": "md_probe.flux:tiny_flux",
+                  "shapes-mmdit": "md_probe.shapes:shapes_mmdit_model",
+                  "shapes-mmdit-random": "md_probe.shapes:shapes_mmdit_random_model"}
 
 # model_index.json's pipeline class -> the backbone that loads it
 PIPELINES = {"StableDiffusionPipeline": "md_probe.models:Backbone",
@@ -614,7 +664,7 @@ def _load_sd(path, dtype, name):
     "Components of a Stable Diffusion checkpoint (folder or hub id), each from its subfolder."
     from diffusers import UNet2DConditionModel, AutoencoderKL, DDIMScheduler
     from transformers import CLIPTextModel, AutoTokenizer
-    kw = dict(torch_dtype=dtype)
+    kw = dict(dtype=dtype)   # diffusers 0.42 renamed torch_dtype
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=re.escape(_HUB_NOISE), category=UserWarning)
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)

@@ -251,6 +251,7 @@ FAMILY_DEFAULTS = {
     # imported when first used): a starting point, not tuned on any benchmark
     "sdxl": "md_probe.sdxl:default_layers", "pixart": "md_probe.pixart:default_layers",
     "sd3": "md_probe.sd3:default_layers", "flux": "md_probe.flux:default_layers",
+    "shapes-mmdit": "md_probe.shapes:mmdit_default_layers",
 }
 
 def family_defaults(model:DiffusionModel)->dict:

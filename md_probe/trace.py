@@ -18,22 +18,23 @@ class _TraceStore(CaptureStore):
     "A `CaptureStore` that notes each denoiser call and keeps one branch of classifier-free guidance."
     def __init__(self, branch, dtype, device):
         super().__init__(dtype, device)
-        self.branch, self.rows, self.calls, self.decoded, self.skip = branch, slice(None), [], [], False
+        self.branch, self.rows, self.calls, self.decoded, self.skip, self.last = branch, slice(None), [], [], False, None
 
-    def start_call(self, sample:torch.Tensor, t, layout:str):
-        "Note one denoiser call; `layout` says where its branches are: 'halves' ([uncond, cond] rows), 'calls' (cond call, then uncond call) or 'none'."
-        n = sample.shape[0]
+    def start_call(self, n:int, t:float, hw:tuple, layout:str, extra:bool=False):
+        """Note one denoiser call of `n` rows at timestep `t` on a latent of `hw`; `layout` says where its branches are:
+        'halves' ([uncond, cond] rows), 'calls' (a cond call, then an uncond call) or 'none'. An `extra` call (SD3's
+        skip-layer guidance) is not a step: it is not recorded."""
         if layout == "halves" and n % 2: layout = "none"
-        t = float(torch.as_tensor(t).flatten()[0])
-        t = int(t) if t == int(t) else t
+        t = int(t) if float(t).is_integer() else float(t)
         part = "cond"
         if layout == "calls":   # the second call at one timestep is the unconditional one (the pipeline calls cond first)
-            part = "uncond" if self.calls and self.calls[-1]["t"] == t and self.calls[-1]["part"] == "cond" else "cond"
-        self.skip = layout == "calls" and self.branch not in (part, "both")
+            part = "uncond" if self.last == (t, "cond") else "cond"
+        self.last = (t, part)
+        self.skip = extra or (layout == "calls" and self.branch not in (part, "both"))
         half = n // 2
         self.rows = ({"cond": slice(half, n), "uncond": slice(0, half), "both": slice(0, n)}[self.branch]
                      if layout == "halves" else slice(0, n))
-        if not self.skip: self.calls.append(dict(t=t, batch=n, layout=layout, part=part, hw=tuple(sample.shape[-2:])))
+        if not self.skip: self.calls.append(dict(t=t, batch=n, layout=layout, part=part, hw=tuple(hw)))
         self.decoded = []                                     # images decoded after the last call are the result
 
     def _keep(self, x): return super()._keep(x[self.rows])
@@ -98,7 +99,7 @@ def _traced_cache(store:_TraceStore, model:DiffusionModel, te_ids:list, branch:s
     both = branch == "both" and guided
     lat, n = store.calls[0]["hw"], store.calls[0]["batch"]
     if isinstance(te_ids, dict):       # the prompts a pipeline's own encode_prompt received
-        enc = [model.tokenize(p) for p in te_ids["prompts"]]
+        enc = [model.tokenize(p) for p in (te_ids["prompts"] + [""])[:2]]     # cond, uncond ("" unless a negative prompt)
         if prompt is not None: enc = [model.tokenize(prompt)] + enc[1:]
     else:
         tok = model.tokenizer
@@ -149,10 +150,11 @@ def trace(pipe, # a diffusers pipeline of a supported family (StableDiffusion, S
     def layout():
         if guidance is not None: return "halves" if guidance else "none"
         return model.backbone.guidance(pipe)
+    b = model.backbone
     def on_call(mod, args, kwargs):
         sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-        t = args[1] if len(args) > 1 else kwargs["timestep"]
-        store.start_call(sample, t, layout())
+        store.start_call(sample.shape[0], b.call_timestep(mod, args, kwargs), b.call_latent_hw(mod, args, kwargs), layout(),
+                         extra=kwargs.get("skip_layers") is not None)
     def on_text(mod, args, kwargs):
         ids = args[0] if args else kwargs.get("input_ids")
         if isinstance(ids, torch.Tensor): te_ids.append(ids.detach().cpu())
@@ -163,10 +165,9 @@ def trace(pipe, # a diffusers pipeline of a supported family (StableDiffusion, S
             handles.append(model.text_encoder.register_forward_pre_hook(on_text, with_kwargs=True))
         elif not sd_text and hasattr(pipe, "encode_prompt"):
             wrapped = pipe.encode_prompt                  # an instance attribute, removed in `finally`
-            def encode_prompt(*a, **k):
-                p = k.get("prompt", a[0] if a else None)
-                neg = k.get("negative_prompt")
-                if isinstance(p, str) and not te_ids["prompts"]: te_ids["prompts"] += [p, neg if isinstance(neg, str) else ""]
+            def encode_prompt(*a, **k):       # FLUX encodes its negative prompt in a second call, the others in one
+                for p in (k.get("prompt", a[0] if a else None), k.get("negative_prompt")):
+                    if isinstance(p, str): te_ids["prompts"].append(p)
                 return wrapped(*a, **k)
             pipe.encode_prompt = encode_prompt
         dec = getattr(model.vae, "decoder", None)
