@@ -7,7 +7,7 @@
 # text-input widths follow them; text lengths are the real ones). It prints MaskDiffusion images/s (one image, four
 # class names, the family's default layers) and peak GPU memory (torch.cuda.max_memory_allocated, weights included).
 # FLUX.1-dev runs with all 19 + 38 blocks (about 24 GB of bf16 weights); on a GPU with less memory pass
-# FLUX_BLOCKS=10,19 (the script then says that FLUX ran with fewer blocks).
+# FLUX_BLOCKS=10,19 (set by itself below 40 GiB; the output then says that FLUX ran with fewer blocks).
 # Budget: about 8 minutes on one H100 (model builds included). Without a CUDA device it says so and exits 0.
 #
 # Usage: benchmarks/gpu.sh            env: PYTHON (default .venv/bin/python), DTYPE (bf16|fp16), REPEATS (5),
@@ -26,8 +26,13 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
   exit 0
 fi
 "$PY" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.name}: {p.total_memory / 2**30:.0f} GiB')"
+gib=$("$PY" -c "import torch; print(int(torch.cuda.get_device_properties(0).total_memory / 2**30))")
+if [ -z "${FLUX_BLOCKS:-}" ] && [ "$gib" -lt 40 ]; then   # FLUX.1-dev's bf16 weights alone are about 24 GB
+  FLUX_BLOCKS=10,19
+  echo "gpu.sh: $gib GiB of GPU memory: FLUX runs with 10 double + 19 single blocks (of 19 + 38)"
+fi
 args=(--dtype "${DTYPE:-bf16}" --repeats "${REPEATS:-5}" --families "${FAMILIES:-sd,sdxl,pixart,sd3,flux}")
-[ -n "${FLUX_BLOCKS:-}" ] && args+=(--flux-blocks "$FLUX_BLOCKS")
+if [ -n "${FLUX_BLOCKS:-}" ]; then args+=(--flux-blocks "$FLUX_BLOCKS"); fi
 start=$SECONDS
 timeout 600 "$PY" benchmarks/gpu_backbones.py "${args[@]}"
 echo "gpu.sh: done in $((SECONDS - start)) s"

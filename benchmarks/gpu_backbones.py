@@ -15,7 +15,7 @@ Run (GPU): python benchmarks/gpu_backbones.py [--families sd,sdxl,pixart,sd3,flu
             [--flux-blocks D,S]   (FLUX with D double- and S single-stream blocks, e.g. 10,19, when memory is short)
 Dry run (CPU, tiny widths, 64 px, fp32; checks the code path only): python benchmarks/gpu_backbones.py --dry-run
 """
-import os, sys, time, argparse, dataclasses
+import os, sys, gc, time, argparse, dataclasses
 for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"): os.environ.setdefault(v, "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
@@ -166,6 +166,8 @@ def main(argv=None):
         print(f"{fam:<7} {type(model.denoiser).__name__:<26} {params(model.denoiser):>9.1f} {size:>6} {build:>8.1f} "
               f"{ips:>9.2f} {peak:>9}  {note}; text encoders: tiny", flush=True)
         del md, model, seg
+        gc.collect()
+        if not dry: torch.cuda.empty_cache()
     print("images/s: MaskDiffusion(model)(image, classes) on one image with 4 class names, default layers of the family; "
           "peak: torch.cuda.max_memory_allocated during the timed calls (weights included).")
 
