@@ -36,9 +36,10 @@ the variants of one measurement alternated so that a busy machine slows them ali
     /proc/self/clear_refs once the inputs exist) minus the resident set size then: torch's CPU allocations are not
     seen by tracemalloc, and ru_maxrss carries the parent's high-water mark into a child.
 
-Run time on one thread of a quiet machine: (1) about 1.5 min, (2) about 4 min with --quick, about 15 min more at 512 px
-for SD 1.5 (a 2-step 512 px generation of SD 1.5 costs about 90 s of CPU: UNet about 24 s per call of batch 2, VAE
-decode about 37 s), (3) about 1.5 min; building the models about 1 min.
+Run time (one thread, on a 2-core machine shared with other jobs): about 20 min wall with --quick (models 10 s,
+(1) 2 min, (2) 16 min of which SD 1.5 at 256 px about 4 min, (3) 2 min). Without --quick, SD 1.5 at 512 px makes (2)
+about 14 min longer: a 2-step 512 px generation costs about 90 s of CPU (the UNet about 24 s per batch-2 call, the
+VAE decode about 37 s), and (2) runs 12 of them (one untimed run and 3 timed runs each of bare, md_probe, DAAM).
 
 Usage: python benchmarks/bench_backbones.py [--parts 1,2,3] [--families sd,sdxl,pixart,sd3,flux] [--repeats 3] [--quick]
 """
