@@ -43,7 +43,7 @@ VAE decode about 37 s), and (2) runs 12 of them (one untimed run and 3 timed run
 
 Usage: python benchmarks/bench_backbones.py [--parts 1,2,3] [--families sd,sdxl,pixart,sd3,flux] [--repeats 3] [--quick]
 """
-import os, sys, time, json, argparse, statistics, subprocess, types, importlib.util, contextlib, warnings
+import os, sys, time, json, argparse, statistics, subprocess, types, importlib.util, warnings
 for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"): os.environ.setdefault(v, "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -198,7 +198,7 @@ def part2(models:dict, repeats:int, quick:bool):
                 def f(mod=mod, mode="exact" if p == "amd-exact" else "fast", p=p):
                     with mod.AttentionCapture(pipe, relations="image->text", timesteps="all", heads="mean", mode=mode) as cap:
                         run()
-                    maps = cap.compute()
+                    cap.compute()                      # the maps exist only now (fast mode)
                     layers[p] = len({r.layer_id for r in cap.records if r.relation == "image->text"}) if hasattr(cap, "records") else None
             fns[p] = f
         r = alternate(fns, repeats)
@@ -212,7 +212,6 @@ def part2(models:dict, repeats:int, quick:bool):
             nl = layers.get("md_probe" if k == "md" else k)
             print(f"    {name:<48} {r[k][0]:>8.2f} s  ratio {r[k][0] / base:.3f}  {fmt(r[k][1])}"
                   + (f"  [{nl} attention layers recorded]" if nl is not None else ""), flush=True)
-        del pipe
     return rows
 
 # -- (3) memory -------------------------------------------------------------------------------------------------------
