@@ -19,8 +19,8 @@ __all__ = ['AttentionRecorder', 'attached', 'LayerInfo', 'LayerTable', 'backbone
 def _fused(q, k, v, scale, mask):
     "(output, logsumexp over all keys) from torch's fused CPU kernel; None where it does not apply (GPU, gradients, mixed dtypes)."
     op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if op is None or q.device.type != "cpu" or torch.is_grad_enabled() or not (q.dtype == k.dtype == v.dtype == torch.float32):
-        return None
+    grads = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if op is None or q.device.type != "cpu" or grads or not (q.dtype == k.dtype == v.dtype == torch.float32): return None
     m = None if mask is None else mask.to(q.dtype).expand(q.shape[0], q.shape[1], *mask.shape[-2:]) if mask.ndim == 4 else mask
     out, lse = op(q, k, v, 0.0, False, attn_mask=m, scale=scale)
     return out, lse
@@ -87,13 +87,16 @@ class AttentionRecorder:
         step = max(1, self.chunk_bytes // (4 * B * H * max(1, sum(len(range(Sk)[x]) for x in keys))))
         parts = [dict(probs=[], lse=[], renorm=[], self=[]) for _ in chain]
         m = None if mask is None else mask.float()
+        grads = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)   # training through the maps: no in-place
         lo, hi = queries.start or 0, queries.stop if queries.stop is not None else S
         for s in range(lo, hi, step):
             rows = slice(s, min(s + step, hi))
             def block(cols):
-                x = (q[:, :, rows].float() @ k[:, :, cols].float().transpose(-1, -2)) * scale
-                if m is not None: x = x + (m[..., rows, cols] if m.ndim >= 2 and m.shape[-2] == S else m[..., cols])
-                return (x - lse[:, :, rows, None]).exp()
+                x = (q[:, :, rows].float() @ k[:, :, cols].float().transpose(-1, -2)).mul_(scale)
+                if m is not None: x.add_(m[..., rows, cols] if m.ndim >= 2 and m.shape[-2] == S else m[..., cols])
+                x.sub_(lse[:, :, rows, None].float())
+                tiny = x < -87          # exp would be subnormal (slow on CPUs) or 0 (masked padding): exactly 0
+                return x.clamp_(min=-87).exp_().masked_fill_(tiny, 0.0) if not grads else x.clamp(min=-87).exp().masked_fill(tiny, 0.0)
             pt = block(text_keys) if text_keys is not None else None
             pi = block(image_keys) if image_keys is not None else None
             rn = pt / pt.sum(-1, keepdim=True) if partial_text else None
