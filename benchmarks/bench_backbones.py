@@ -147,8 +147,7 @@ def load_peers()->dict:
 
 def make_pipe(model):
     import diffusers
-    kw = dict(requires_safety_checker=False) if model.backbone.pipeline == "StableDiffusionPipeline" else {}
-    pipe = getattr(diffusers, model.backbone.pipeline)(**model.backbone.components(model), **kw)
+    pipe = getattr(diffusers, model.backbone.pipeline)(**model.backbone.components(model))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
