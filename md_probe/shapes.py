@@ -17,11 +17,11 @@ from .sd3 import SD3, JointAttentionRecorder
 from .utils import write_text_atomic
 
 # %% auto #0
-__all__ = ['SHAPE_CLASSES', 'COLORS', 'SHAPES_WORDS', 'SHAPES_MAX_LENGTH', 'SHAPES_UNET', 'SHAPES_MMDIT', 'ARCHITECTURES',
-           'TRAINING_SETTINGS', 'Scene', 'make_scene', 'make_scenes', 'shapes_tokenizer', 'LocalTextEncoder',
-           'build_shapes_model', 'MaskedJointAttnProcessor', 'MaskedJointAttentionRecorder', 'masked_mean',
-           'ShapesMMDiT', 'build_shapes_mmdit', 'mmdit_default_layers', 'save_shapes', 'read_record', 'load_shapes',
-           'shapes_model', 'shapes_generative_model', 'shapes_random_model', 'shapes_mmdit_model',
+__all__ = ['SHAPE_CLASSES', 'COLORS', 'SHAPES_WORDS', 'SHAPES_MAX_LENGTH', 'SHAPES_UNET', 'SHAPES_MMDIT', 'QK_NORM_GAIN',
+           'ARCHITECTURES', 'TRAINING_SETTINGS', 'Scene', 'make_scene', 'make_scenes', 'shapes_tokenizer',
+           'LocalTextEncoder', 'build_shapes_model', 'MaskedJointAttnProcessor', 'MaskedJointAttentionRecorder',
+           'masked_mean', 'ShapesMMDiT', 'build_shapes_mmdit', 'mmdit_default_layers', 'save_shapes', 'read_record',
+           'load_shapes', 'shapes_model', 'shapes_generative_model', 'shapes_random_model', 'shapes_mmdit_model',
            'shapes_mmdit_random_model', 'training_prompt', 'grounding_loss', 'train_shapes']
 
 # %% ../nbs/02_shapes.ipynb #21b89893
@@ -190,7 +190,6 @@ def masked_mean(embeddings:torch.Tensor, attention_mask:torch.Tensor)->torch.Ten
     a = attention_mask.to(embeddings.dtype)[..., None]
     return (embeddings * a).sum(1) / a.sum(1).clamp(min=1)
 
-
 # %% ../nbs/02_shapes.ipynb #mmdit0004
 class ShapesMMDiT(SD3):
     """The shapes MM-DiT: SD3's transformer and flow matching, with one text stream (the shapes tokenizer and
@@ -236,6 +235,8 @@ def _flow_scheduler():
     from diffusers import FlowMatchEulerDiscreteScheduler
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)   # no resolution shift at 32 px
 
+QK_NORM_GAIN = 2.0   # initial gain of every q/k rms norm: logits x4 at initialisation (see above)
+
 def build_shapes_mmdit(seed:int=0)->DiffusionModel:
     "The shapes MM-DiT with seeded random weights (`load_model('shapes-mmdit-random')`)."
     from diffusers import SD3Transformer2DModel
@@ -243,11 +244,13 @@ def build_shapes_mmdit(seed:int=0)->DiffusionModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed); tr = SD3Transformer2DModel(**SHAPES_MMDIT)
         torch.manual_seed(seed + 1); text = LocalTextEncoder(len(tok))
+    with torch.no_grad():   # q/k rms-norm gains start at QK_NORM_GAIN: attention logits x QK_NORM_GAIN**2 (learnable)
+        for name, p in tr.named_parameters():
+            if ".norm_" in name and name.endswith(("_q.weight", "_k.weight")): p.fill_(QK_NORM_GAIN)
     tr.set_attn_processor(MaskedJointAttnProcessor())
     return DiffusionModel(tr.eval(), text.eval(), tok, _flow_scheduler(), None, name="shapes-mmdit-random", image_size=32,
                           max_length=SHAPES_MAX_LENGTH, pass_attention_mask=True, family="shapes-mmdit",
                           backbone=ShapesMMDiT())
-
 
 # %% ../nbs/02_shapes.ipynb #mmdit0006
 def mmdit_default_layers(denoiser)->dict:
@@ -257,7 +260,6 @@ def mmdit_default_layers(denoiser)->dict:
     n = denoiser.config.num_layers
     return dict(feature_layers=tuple(f"transformer_blocks.{i}" for i in range(1, max(2, n - 1))), read="output",
                 attention_layers=tuple(f"transformer_blocks.{i}.attn" for i in range(1, n)), timestep=100)
-
 
 # %% ../nbs/02_shapes.ipynb #78fee829
 # family -> (format tag, tensor prefix and config key of the denoiser, its config)
