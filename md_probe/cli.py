@@ -273,11 +273,13 @@ def _model(args):
 
 def _check_timesteps(model, timesteps, option:str):
     "A UsageError for a timestep outside the model's scheduler (before its UNet runs)."
+    n, integer = model.num_train_timesteps, not model.backbone.flow_matching
     for t in timesteps:
-        try: model.backbone.check_timesteps(model, [t])
-        except ValueError as e:
-            if "outside" not in str(e): raise UsageError(f"{option}: {e}") from None
-            raise UsageError(f"{option} {t:g} is outside the scheduler's range of {model.name}: {e}") from None
+        if integer and not float(t).is_integer():
+            raise UsageError(f"{option} {t:g} is not an integer: {model.name}'s scheduler takes integer timesteps from 0 (clean) to {n - 1}")
+        if not (0 <= t < n if integer else 0 <= t <= n):
+            raise UsageError(f"{option} {t:g} is outside the scheduler's range of {model.name}: pass a value from 0 (clean) "
+                             f"to {n - 1 if integer else n}")
 
 def _check_image_size(model, size, option:str="--image-size"):
     "A UsageError for an image size that is not a multiple of the model's stride (as `prepare_image` requires)."

@@ -16,8 +16,32 @@ __all__ = ['AttentionRecorder', 'attached', 'LayerInfo', 'LayerTable', 'backbone
            'resolve_layers', 'resolve_capture', 'CaptureStore', 'capture', 'check_batch_size', 'run_with_cache']
 
 # %% ../nbs/01a_engine.ipynb #41809ea4
+def _fused(q, k, v, scale, mask):
+    "(output, logsumexp over all keys) from torch's fused CPU kernel; None where it does not apply (GPU, gradients, mixed dtypes)."
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    grads = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if op is None or q.device.type != "cpu" or grads or not (q.dtype == k.dtype == v.dtype == torch.float32): return None
+    m = None if mask is None else mask.to(q.dtype).expand(q.shape[0], q.shape[1], *mask.shape[-2:]) if mask.ndim == 4 else mask
+    out, lse = op(q, k, v, 0.0, False, attn_mask=m, scale=scale)
+    return out, lse
+
+def _attention_and_lse(q, k, v, scale:float, mask, chunk_bytes:int)->tuple:
+    "softmax(q k^T * scale + mask) v and the logsumexp of every query's logits over all keys, exact and memory-bounded."
+    if (fused := _fused(q, k, v, scale, mask)) is not None: return fused
+    B, H, S, _ = q.shape
+    step = max(1, chunk_bytes // (4 * B * H * k.shape[2]))
+    kt, outs, lses = k.float().transpose(-1, -2), [], []
+    for s in range(0, S, step):       # per query chunk: the full (S x S_k) matrix never exists
+        logits = (q[:, :, s:s + step].float() @ kt) * scale
+        if mask is not None:
+            m = mask.float()
+            logits = logits + (m[..., s:s + step, :] if m.ndim >= 2 and m.shape[-2] == S else m)
+        outs.append(logits.softmax(-1).to(v.dtype) @ v)
+        lses.append(logits.logsumexp(-1))
+    return torch.cat(outs, 2), torch.cat(lses, 2)
+
 class AttentionRecorder:
-    "Attention processor that computes softmax(QK^T*scale) explicitly, per query chunk, and records the image rows."
+    "Attention processor that computes attention exactly, memory-bounded, and records the image rows' probabilities."
     chunk_bytes = 2 ** 28   # the float32 logits of one query chunk stay under this: the full matrix never exists
 
     def __init__(self, name:str, # the attention module's name, passed to the sinks
@@ -42,40 +66,48 @@ class AttentionRecorder:
                image_keys:slice|None=None, # the image positions among the keys (None: no image keys)
                mask:torch.Tensor|None=None, # additive mask broadcastable to (B, heads, S, S_k)
               )->torch.Tensor: # (B, heads, S, D_v) in v's dtype
-        "softmax(q k^T * scale + mask) v, exactly, per query chunk; passes the image rows' blocks to every recorder of the chain."
-        B, H, S, _ = q.shape
-        Sk = k.shape[2]
-        queries = queries or slice(0, S)
+        "softmax(q k^T * scale + mask) v, exactly; passes the image rows' blocks to every recorder of the chain."
+        S = q.shape[2]
+        out, lse = _attention_and_lse(q, k, v, scale, mask, self.chunk_bytes)
         chain = list(self._chain())
         text = text_keys is not None and any(r.sink for r in chain)
         image = image_keys is not None and any(r.self_sink for r in chain)
-        partial_text = text and (text_keys.start or 0, text_keys.stop) != (0, Sk)     # joint softmax: text is a block
-        partial_image = image and (image_keys.start or 0, image_keys.stop) != (0, Sk)
-        step = max(1, self.chunk_bytes // (4 * B * H * Sk))
-        kt, outs = k.float().transpose(-1, -2), []
+        if text or image: self._record(chain, q, k, scale, mask, lse, queries or slice(0, S), text_keys if text else None,
+                                       image_keys if image else None)
+        return out
+
+    def _record(self, chain, q, k, scale, mask, lse, queries, text_keys, image_keys):
+        "Each recorder's blocks of the image rows: exp(q k_block^T * scale + mask - lse), per query chunk, from the lse over all keys."
+        B, H, S, _ = q.shape
+        Sk = k.shape[2]
+        partial_text = text_keys is not None and (text_keys.start or 0, text_keys.stop) != (0, Sk)   # a joint softmax
+        partial_image = image_keys is not None and (image_keys.start or 0, image_keys.stop) != (0, Sk)
+        keep_heads = any(r.heads for r in chain)
+        keys = [x for x in (text_keys, image_keys) if x is not None]
+        step = max(1, self.chunk_bytes // (4 * B * H * max(1, sum(len(range(Sk)[x]) for x in keys))))
         parts = [dict(probs=[], lse=[], renorm=[], self=[]) for _ in chain]
-        for s in range(0, S, step):
-            logits = (q[:, :, s:s + step].float() @ kt) * scale
-            if mask is not None:
-                m = mask.float()
-                logits = logits + (m[..., s:s + step, :] if m.ndim >= 2 and m.shape[-2] == S else m)
-            lse = logits.logsumexp(-1, keepdim=True)
-            p = (logits - lse).exp()
-            outs.append(p.to(v.dtype) @ v)
-            lo, hi = max(s, queries.start or 0), min(s + step, queries.stop if queries.stop is not None else S)
-            if hi <= lo or not (text or image): continue
-            rows = slice(lo - s, hi - s)
-            pt = p[:, :, rows, text_keys] if text else None
-            pi = p[:, :, rows, image_keys] if image else None
+        m = None if mask is None else mask.float()
+        grads = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)   # training through the maps: no in-place
+        lo, hi = queries.start or 0, queries.stop if queries.stop is not None else S
+        for s in range(lo, hi, step):
+            rows = slice(s, min(s + step, hi))
+            def block(cols):
+                x = (q[:, :, rows].float() @ k[:, :, cols].float().transpose(-1, -2)).mul_(scale)
+                if m is not None: x.add_(m[..., rows, cols] if m.ndim >= 2 and m.shape[-2] == S else m[..., cols])
+                x.sub_(lse[:, :, rows, None].float())
+                tiny = x < -87          # exp would be subnormal (slow on CPUs) or 0 (masked padding): exactly 0
+                return x.clamp_(min=-87).exp_().masked_fill_(tiny, 0.0) if not grads else x.clamp(min=-87).exp().masked_fill(tiny, 0.0)
+            pt = block(text_keys) if text_keys is not None else None
+            pi = block(image_keys) if image_keys is not None else None
             rn = pt / pt.sum(-1, keepdim=True) if partial_text else None
             if partial_image: pi = pi / pi.sum(-1, keepdim=True)
             for r, acc in zip(chain, parts):
                 avg = (lambda x: x) if r.heads else (lambda x: x.mean(1, keepdim=True))
-                if text and r.sink:
+                if pt is not None and r.sink:
                     acc["probs"].append(avg(pt))
                     if rn is not None: acc["renorm"].append(avg(rn))
-                    if r.with_lse: acc["lse"].append(lse[:, :, rows, 0])
-                if image and r.self_sink: acc["self"].append(avg(pi))
+                    if r.with_lse: acc["lse"].append(lse[:, :, rows])
+                if pi is not None and r.self_sink: acc["self"].append(avg(pi))
         for r, acc in zip(reversed(chain), reversed(parts)):     # the outermost recorder first, as nesting reads
             keep = (lambda x: x) if r.keep_grad else (lambda x: x.detach())
             cat = lambda xs: keep(torch.cat(xs, 2)) if xs else None
@@ -83,7 +115,6 @@ class AttentionRecorder:
                 kw = dict(renorm=cat(acc["renorm"])) if acc["renorm"] else {}
                 r.sink(r.name, cat(acc["probs"]), cat(acc["lse"]), **kw)
             if acc["self"]: r.self_sink(r.name, cat(acc["self"]))
-        return torch.cat(outs, 2)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         "diffusers' `Attention` path (UNet attn1/attn2, PixArt): the same output as `AttnProcessor`, recorded."
@@ -151,7 +182,7 @@ class LayerTable(list):
 # %% ../nbs/01a_engine.ipynb #444f048b
 def backbone_for(denoiser:torch.nn.Module)->Backbone:
     "The backbone that drives `denoiser`, from its class (an SDXL UNet by its text-time embedding)."
-    from .models import _resolve
+    from md_probe.models import _resolve
     kind = type(denoiser).__name__
     if kind == "UNet2DConditionModel" and getattr(denoiser.config, "addition_embed_type", None) == "text_time":
         return _resolve("md_probe.sdxl:SDXL")()
@@ -162,9 +193,13 @@ def backbone_for(denoiser:torch.nn.Module)->Backbone:
 def _hookable(denoiser, backbone):
     return [(n, m) for n, m in denoiser.named_modules() if n and type(m).__name__ in backbone.layer_kinds]
 
+_RELATIONS = weakref.WeakKeyDictionary()   # denoiser -> {attention module name: relations}
+
 def _relations(model:DiffusionModel)->dict:
-    "Attention module name -> what it relates ('text->image', 'image->image'), from names and classes (no forward)."
-    return {n: r for n, m in _hookable(model.denoiser, model.backbone) if (r := model.backbone.relations(n, m))}
+    "Attention module name -> what it relates ('text->image', 'image->image'), from names and classes (no forward; once per denoiser)."
+    if model.denoiser not in _RELATIONS:
+        _RELATIONS[model.denoiser] = {n: r for n, m in _hookable(model.denoiser, model.backbone) if (r := model.backbone.relations(n, m))}
+    return _RELATIONS[model.denoiser]
 
 @dataclass
 class _LayerInfo:
@@ -242,7 +277,9 @@ def resolve_layers(model:DiffusionModel, patterns, # names or globs (str or iter
     "Module names matching `patterns`, in model order; a clear error for names that match nothing."
     if isinstance(patterns, str): patterns = [patterns]
     listed = [n for n, _ in _hookable(model.denoiser, model.backbone)]
-    if relation: listed = [n for n in listed if relation in _relations(model).get(n, ())]
+    if relation:
+        rel = _relations(model)
+        listed = [n for n in listed if relation in rel.get(n, ())]
     modules = dict(model.denoiser.named_modules())
     found = []
     for p in patterns:
@@ -349,7 +386,7 @@ def capture(denoiser:torch.nn.Module, # the UNet or transformer to read (restore
             rec = backbone.recorder(n, modules[n], sink=store.on_attention if n in cross_attention else None,
                                     self_sink=store.on_self_attention if n in self_attention else None,
                                     with_lse=with_lse and n in cross_attention, heads=heads,
-                                    outer=prev if isinstance(prev, AttentionRecorder) else None)
+                                    outer=prev if callable(getattr(prev, "attend", None)) else None)   # a recorder of any family
             modules[n].set_processor(rec)
             for mod, fn in (rec.hooks(n, denoiser) if hasattr(rec, "hooks") else []):
                 handles.append(mod.register_forward_pre_hook(fn, with_kwargs=True))

@@ -176,7 +176,7 @@ class AttentionExplorer(Explorer):
                  **probe_kw):
         if isinstance(source, DiffusionModel):
             if not prompt: raise ValueError("An attention explorer needs a prompt: AttentionExplorer(model, image, prompt='cat and grass').")
-            probe_kw = dict(timesteps=_timesteps(source, timesteps), cross_attention=True) | probe_kw
+            probe_kw = dict(timesteps=_timesteps(source, timesteps), cross_attention=True, heads=True) | probe_kw   # heads: a control
         cache, model = _source(source, image, prompt, **probe_kw)
         if not cache.probs: raise ValueError("This cache holds no cross-attention: probe with cross_attention=True.")
         super().__init__(cache, model, image if isinstance(image, int) else 0)

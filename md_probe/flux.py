@@ -130,6 +130,10 @@ class Flux(Backbone):
         ids = kwargs.get("img_ids", args[5] if len(args) > 5 else None)
         if ids is None: raise ValueError("A FLUX transformer call without img_ids: call it as FluxPipeline does (see denoise).")
         ids = ids[0] if ids.ndim == 3 else ids
+        if ids.is_meta:   # shapes only (a layer table on the meta device): the square grid of that many tokens
+            side = math.isqrt(ids.shape[0])
+            if side * side != ids.shape[0]: raise ValueError("A non-square FLUX grid on the meta device: pass a square image size.")
+            return (side, side)
         return (int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1)
 
     def call_timestep(self, denoiser, args:tuple, kwargs:dict)->float:

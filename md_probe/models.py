@@ -389,7 +389,7 @@ class Backbone:
 
     def recorder(self, name:str, module, **kw):
         "The attention processor that records `module` (see engine.AttentionRecorder for `kw`)."
-        from .engine import AttentionRecorder
+        from md_probe.engine import AttentionRecorder
         return AttentionRecorder(name, **kw)
 
     def image_stream(self, name:str, module, x, token_hw:tuple)->torch.Tensor:
@@ -428,10 +428,15 @@ class Backbone:
                               image_size=_native_size(pipe.unet, pipe.vae),
                               max_length=tok.model_max_length if tok.model_max_length < 10_000 else 77, backbone=self)
 
+    def load(self, path, dtype, name:str)->DiffusionModel:
+        "A checkpoint of the family (folder or hub id), each part from its subfolder, as `load_model` loads it."
+        return _load_sd(path, dtype, name)
+
     def components(self, model)->dict:
         "The model's parts under their pipeline names (what `save_pretrained` writes)."
         return dict(unet=model.denoiser, vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
-                    scheduler=model.scheduler, safety_checker=None, feature_extractor=None) | model.extra
+                    scheduler=model.scheduler, safety_checker=None, feature_extractor=None,
+                    requires_safety_checker=False) | model.extra
 
 def first_tensor(x):
     "The tensor a module returned (diffusers outputs hold it in `.sample`; tuples first)."
@@ -654,11 +659,9 @@ def backbone_of(pipeline:str)->Backbone:
 def _load_diffusers(path, dtype, name):
     "A checkpoint (folder or hub id) of any supported pipeline class, loaded by its family's backbone."
     backbone = backbone_of(_pipeline_class(path))
-    if type(backbone) is not Backbone:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=re.escape(_HUB_NOISE), category=UserWarning)
-            return backbone.load(path, dtype, name)
-    return _load_sd(path, dtype, name)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=re.escape(_HUB_NOISE), category=UserWarning)
+        return backbone.load(path, dtype, name)
 
 def _load_sd(path, dtype, name):
     "Components of a Stable Diffusion checkpoint (folder or hub id), each from its subfolder."
@@ -730,7 +733,10 @@ def save_pretrained(self:DiffusionModel, path):
     import diffusers
     if self.vae is None: raise ValueError("Pixel-space models are saved with md_probe.shapes.save_shapes, not as a pipeline folder.")
     pipe = getattr(diffusers, self.backbone.pipeline)(**self.backbone.components(self))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*safety checker.*")   # none is written on purpose
-        pipe.save_pretrained(path)
+    from transformers.utils import logging as tf_logging
+    bars = tf_logging.is_progress_bar_enabled()
+    tf_logging.disable_progress_bar()          # a bar per text encoder shard says nothing about a local write
+    try: pipe.save_pretrained(path)
+    finally:
+        if bars: tf_logging.enable_progress_bar()
     return Path(path)

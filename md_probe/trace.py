@@ -107,6 +107,11 @@ def _traced_cache(store:_TraceStore, model:DiffusionModel, te_ids:list, branch:s
         if prompt is not None:
             ml = getattr(tok, "model_max_length", 77)
             enc = [tokenize_prompt(tok, prompt, ml if ml < 10_000 else 77)] + enc[1:]
+    L = next((x[0].shape[-1] for x in store.attention.values()), None)   # the text axis the denoiser attended to
+    if L is not None and enc and len(enc[0].tokens) != L:
+        raise ValueError(f"The generation's text axis has {L} positions but {model.name} ({model.family}) tokenises the prompt "
+                         f"to {len(enc[0].tokens)}: the pipeline was called with another text length (max_sequence_length?). "
+                         f"Call it with the model's default, or probe the image instead.")
     cond, uncond = enc[:1], enc[-1:] if len(enc) > 1 else []      # unknown prompts are filled in by the builder
     prompts = cond + uncond if both else uncond if branch == "uncond" else cond
     images = []
@@ -118,7 +123,7 @@ def _traced_cache(store:_TraceStore, model:DiffusionModel, te_ids:list, branch:s
     B, P = (n // 2 if layout == "halves" else n), (2 if both else 1)
     rows = lambda d: {k: _call_rows(v, both, layout) for k, v in d.items()}
     calls = [c for c in store.calls if c["part"] == "cond"] if layout == "calls" and both else store.calls
-    return ProbeCache.from_rows((len(store.calls), B, P), rows(store.features), rows(store.attention), rows(store.lse),
+    return ProbeCache.from_rows((len(calls), B, P), rows(store.features), rows(store.attention), rows(store.lse),
                                 rows(store.self_attention), rows(store.renorm), timesteps=[c["t"] for c in calls], prompts=prompts,
                                 latent_hw=tuple(lat), image_hw=[hw] * B, content_hw=hw, read="output", images=images,
                                 meta=dict(model=model.name, family=model.family, vae_scale=vs, source="trace", branch=branch,

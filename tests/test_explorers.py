@@ -83,7 +83,7 @@ def test_attention_explorer_controls(shapes, scene, unet_calls):
 def test_attention_explorer_shows_the_words_map(shapes, scene):
     from md_probe.explorers import AttentionExplorer
     from md_probe import viz
-    cache = probe(shapes, scene.image, scene.prompt(), timesteps=[0, 50], cross_attention=True)
+    cache = probe(shapes, scene.image, scene.prompt(), timesteps=[0, 50], cross_attention=True, heads=True)
     ex = AttentionExplorer(cache, word=scene.classes[1])
     c = ex.controls
     for word in [w for w in c["word"].options]:

@@ -348,3 +348,33 @@ def test_call_grid_timestep_latent(flux, pipe):
     assert [g[0] for g in got] == [(4, 4)] * 2 and [g[2] for g in got] == [(8, 8)] * 2
     for (_, t, _), ref in zip(got, pipe.scheduler.timesteps):
         assert abs(t - float(ref)) < 1e-3
+
+
+@pytest.mark.parametrize("branch", ["cond", "uncond", "both"])
+def test_trace_true_cfg_records_the_branch_asked_for(flux, pipe, branch):
+    "True CFG: two transformer calls per step, conditional first; trace keeps the branch asked for, each equal to a capture of that call."
+    from md_probe.trace import trace
+    from md_probe.engine import capture, attached
+    L = "single_transformer_blocks.0.attn"
+    calls, before = [], attached(flux.denoiser)
+    h = flux.denoiser.register_forward_pre_hook(lambda m, a, kw: calls.append(dict(kw)), with_kwargs=True)
+    try:
+        with trace(pipe, cross_attention=[L], branch=branch) as c:
+            pipe("a cat", negative_prompt="a dog", true_cfg_scale=2.0, num_inference_steps=2, height=64, width=64,
+                 max_sequence_length=flux.max_length, output_type="latent", generator=torch.Generator().manual_seed(0))
+    finally: h.remove()
+    assert attached(flux.denoiser) == before and len(calls) == 4            # 2 steps x (cond, uncond)
+    def captured(kw):
+        with capture(flux.denoiser, cross_attention=[L], backbone=flux.backbone) as st, torch.no_grad(): flux.denoiser(**kw)
+        return st.attention[L][0][0]
+    assert c.meta["guidance"] == "calls" and len(c.timesteps) == 2
+    for s in range(2):
+        cond, uncond = captured(calls[2 * s]), captured(calls[2 * s + 1])
+        assert not torch.allclose(cond, uncond, atol=1e-6)                  # the two calls differ: the test can fail
+        if branch == "both":
+            torch.testing.assert_close(c.attention(L, step=s, prompt=0), cond, rtol=0, atol=1e-6)
+            torch.testing.assert_close(c.attention(L, step=s, prompt=1), uncond, rtol=0, atol=1e-6)
+        else:
+            torch.testing.assert_close(c.attention(L, step=s), cond if branch == "cond" else uncond, rtol=0, atol=1e-6)
+    assert c.prompts[0].prompt == ("a dog" if branch == "uncond" else "a cat")
+    if branch == "both": assert c.prompts[1].prompt == "a dog"
