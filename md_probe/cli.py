@@ -16,11 +16,11 @@ from .evaluate import EVAL_METHODS, evaluate, make_method, method_key, process_s
 from .reproduce import DEFAULT_SD, REPRODUCE_DATASETS, REPRODUCE_METHODS, reproduce_rows, reproduce_table, shapes_report
 
 # %% auto #0
-__all__ = ['MAX_LABELS', 'UsageError', 'positive_int', 'nonnegative_int', 'timestep_value', 'seed_int', 'finite_positive_float',
-           'finite_nonnegative_float', 'segments_arg', 'k_arg', 'names_arg', 'device_arg', 'dtype_arg', 'dtype_or_auto',
-           'write_together', 'safe_file_name', 'cmd_segment', 'cmd_layers', 'heatmap_file_names', 'save_word_heatmaps',
-           'cmd_probe', 'cmd_train_shapes', 'cmd_shapes_report', 'add_eval_args', 'cmd_eval', 'add_reproduce_args',
-           'cmd_reproduce', 'build_parser', 'main']
+__all__ = ['MAX_LABELS', 'SHAPES_CONTROLS', 'UsageError', 'positive_int', 'nonnegative_int', 'timestep_value', 'seed_int',
+           'finite_positive_float', 'finite_nonnegative_float', 'segments_arg', 'k_arg', 'names_arg', 'device_arg',
+           'dtype_arg', 'dtype_or_auto', 'write_together', 'safe_file_name', 'cmd_segment', 'cmd_layers',
+           'heatmap_file_names', 'save_word_heatmaps', 'cmd_probe', 'cmd_train_shapes', 'cmd_shapes_report',
+           'add_eval_args', 'cmd_eval', 'add_reproduce_args', 'cmd_reproduce', 'build_parser', 'main']
 
 # %% ../nbs/10_cli.ipynb #18f70a76
 class UsageError(Exception):
@@ -463,14 +463,24 @@ def cmd_train_shapes(args)->int:
     with _tidy_on_error(made):
         _out_dir(args.out, made)
         try: path = train_shapes(args.out, steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
-                                 grounding=args.grounding, progress=not args.quiet)
+                                 grounding=args.grounding, progress=not args.quiet, arch=args.arch)
         except ValueError as e: raise UsageError(_message(e)) from None   # settings refused, or a folder of another run
     print(f"wrote {path}")
     return 0
 
+SHAPES_CONTROLS = {"shapes": "shapes-random", "shapes-generative": "shapes-random", "shapes-mmdit": "shapes-mmdit-random"}
+
 def cmd_shapes_report(args)->int:
-    "`md-probe shapes-report`: the shapes model's held-out table."
-    shapes_report(n=args.n, seed=args.seed)
+    "`md-probe shapes-report`: a shapes model's held-out table, beside its random-weight control."
+    name = args.model
+    control = SHAPES_CONTROLS.get(name)
+    if control is None and name.endswith(".safetensors") and Path(name).is_file():   # a trained checkpoint: by its architecture
+        from md_probe.models import load_model
+        control = {"shapes": "shapes-random", "shapes-mmdit": "shapes-mmdit-random"}.get(load_model(name).family)
+    if control is None and name not in ("shapes-random", "shapes-mmdit-random"):
+        raise UsageError(f"--model {name!r}: pass a shapes model ({', '.join(SHAPES_CONTROLS)}, shapes-random, "
+                         "shapes-mmdit-random) or a checkpoint written by md-probe train-shapes")
+    shapes_report(n=args.n, seed=args.seed, models=(name,) + ((control,) if control else ()))
     return 0
 
 # %% ../nbs/10_cli.ipynb #07f144b9
@@ -643,9 +653,11 @@ def build_parser()->argparse.ArgumentParser:
     s.add_argument("--out", required=True); s.add_argument("--steps", type=positive_int, default=1000)
     s.add_argument("--seed", type=seed_int, default=0); s.add_argument("--batch-size", type=positive_int, default=32)
     s.add_argument("--lr", type=finite_positive_float, default=1e-3); s.add_argument("--grounding", type=finite_nonnegative_float, default=0.1)
+    s.add_argument("--arch", choices=("unet", "mmdit"), default="unet", help="the shapes UNet (default) or the shapes MM-DiT")
     s.add_argument("--quiet", action="store_true"); s.set_defaults(func=cmd_train_shapes)
     s = sub.add_parser("shapes-report", help="the shapes model's held-out mIoU table")
     s.add_argument("--n", type=positive_int, default=200); s.add_argument("--seed", type=seed_int, default=12345)
+    s.add_argument("--model", default="shapes", help="shapes (default), shapes-generative, shapes-mmdit, or a shapes checkpoint file")
     s.set_defaults(func=cmd_shapes_report)
     s = sub.add_parser("eval", help="score a method on a data set (resumable; several GPUs under accelerate launch)")
     add_eval_args(s).set_defaults(func=cmd_eval)

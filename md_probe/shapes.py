@@ -11,15 +11,18 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .models import DiffusionModel, clip_bpe_tokenizer, tokenize_prompt
+from .models import DiffusionModel, PromptEncoding, clip_bpe_tokenizer, tokenize_prompt
 from .probe import AttentionRecorder
+from .sd3 import SD3, JointAttentionRecorder
 from .utils import write_text_atomic
 
 # %% auto #0
-__all__ = ['SHAPE_CLASSES', 'COLORS', 'SHAPES_WORDS', 'SHAPES_MAX_LENGTH', 'SHAPES_UNET', 'TRAINING_SETTINGS', 'Scene',
-           'make_scene', 'make_scenes', 'shapes_tokenizer', 'LocalTextEncoder', 'build_shapes_model', 'save_shapes',
-           'read_record', 'load_shapes', 'shapes_model', 'shapes_generative_model', 'shapes_random_model',
-           'training_prompt', 'grounding_loss', 'train_shapes']
+__all__ = ['SHAPE_CLASSES', 'COLORS', 'SHAPES_WORDS', 'SHAPES_MAX_LENGTH', 'SHAPES_UNET', 'SHAPES_MMDIT', 'QK_NORM_GAIN',
+           'ARCHITECTURES', 'TRAINING_SETTINGS', 'Scene', 'make_scene', 'make_scenes', 'shapes_tokenizer',
+           'LocalTextEncoder', 'build_shapes_model', 'MaskedJointAttnProcessor', 'MaskedJointAttentionRecorder',
+           'masked_mean', 'ShapesMMDiT', 'build_shapes_mmdit', 'mmdit_default_layers', 'save_shapes', 'read_record',
+           'load_shapes', 'shapes_model', 'shapes_generative_model', 'shapes_random_model', 'shapes_mmdit_model',
+           'shapes_mmdit_random_model', 'training_prompt', 'grounding_loss', 'train_shapes']
 
 # %% ../nbs/02_shapes.ipynb #21b89893
 SHAPE_CLASSES = ("background", "circle", "square", "triangle", "cross")
@@ -131,14 +134,148 @@ def build_shapes_model(seed:int=0)->DiffusionModel:
     return DiffusionModel(unet.eval(), text.eval(), tok, _shapes_scheduler(), None, name="shapes-random",
                           image_size=32, max_length=SHAPES_MAX_LENGTH, pass_attention_mask=True, family="shapes")
 
+# %% ../nbs/02_shapes.ipynb #mmdit0002
+SHAPES_MMDIT = dict(sample_size=32, patch_size=2, in_channels=3, out_channels=3, num_layers=4, attention_head_dim=16,
+                    num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=64, pooled_projection_dim=64,
+                    pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
+
+def _heads(x, heads:int):
+    "(B, S, heads*D) -> (B, heads, S, D)."
+    return x.view(x.shape[0], -1, heads, x.shape[-1] // heads).transpose(1, 2)
+
+def _keys_mask(attention_mask:torch.Tensor, n:int)->torch.Tensor:
+    "A (B, L) 0/1 text mask as a (B, 1, 1, n + L) bool mask of the joint keys [image (n), text (L)]: True = attended."
+    m = attention_mask.bool()
+    return torch.cat([torch.ones(m.shape[0], n, dtype=torch.bool, device=m.device), m], 1)[:, None, None]
+
+class MaskedJointAttnProcessor:
+    """diffusers' `JointAttnProcessor2_0` (the same projections, rms q/k norms, [image, text] order and output
+    projections) plus a text padding mask: `attention_mask` (B, L), 0 for padding, removes the padded text keys from
+    every query's softmax. Without a mask (or without text: SD3.5's `attn2`) it is `JointAttnProcessor2_0`."""
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        b, n, heads = hidden_states.shape[0], hidden_states.shape[1], attn.heads
+        q, k, v = (_heads(f(hidden_states), heads) for f in (attn.to_q, attn.to_k, attn.to_v))
+        if attn.norm_q is not None: q = attn.norm_q(q)
+        if attn.norm_k is not None: k = attn.norm_k(k)
+        joint, mask = encoder_hidden_states is not None, None
+        if joint:
+            cq, ck, cv = (_heads(f(encoder_hidden_states), heads) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            if attn.norm_added_q is not None: cq = attn.norm_added_q(cq)
+            if attn.norm_added_k is not None: ck = attn.norm_added_k(ck)
+            q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+            if attention_mask is not None: mask = _keys_mask(attention_mask, n)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(b, -1, heads * q.shape[-1]).to(q.dtype)
+        if joint:
+            out, ctx = out[:, :n], out[:, n:]
+            if not attn.context_pre_only: ctx = attn.to_add_out(ctx)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return (out, ctx) if joint else out
+
+class MaskedJointAttentionRecorder(JointAttentionRecorder):
+    "SD3's `JointAttentionRecorder` with the text padding mask of `MaskedJointAttnProcessor` (padded keys: probability 0)."
+    _mask = None
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        if encoder_hidden_states is not None and attention_mask is not None:
+            m = _keys_mask(attention_mask, hidden_states.shape[1])
+            self._mask = torch.zeros(m.shape, device=m.device).masked_fill(~m, -math.inf)
+        try: return super().__call__(attn, hidden_states, encoder_hidden_states, None, *args, **kwargs)
+        finally: self._mask = None
+
+    def attend(self, q, k, v, *, mask=None, **kw):
+        return super().attend(q, k, v, mask=self._mask if mask is None else mask, **kw)
+
+def masked_mean(embeddings:torch.Tensor, attention_mask:torch.Tensor)->torch.Tensor:
+    "(B, L, D) text embeddings averaged over the real positions (start, words, end) of a (B, L) mask: the pooled vector."
+    a = attention_mask.to(embeddings.dtype)[..., None]
+    return (embeddings * a).sum(1) / a.sum(1).clamp(min=1)
+
+# %% ../nbs/02_shapes.ipynb #mmdit0004
+class ShapesMMDiT(SD3):
+    """The shapes MM-DiT: SD3's transformer and flow matching, with one text stream (the shapes tokenizer and
+    `LocalTextEncoder`), a padding mask, a pooled vector made from the text, and no VAE (pixel space)."""
+    family = "shapes-mmdit"
+    pipeline = None          # no diffusers pipeline: one safetensors file (`save_shapes`), like the shapes UNet
+
+    def tokenize(self, model, prompt:str)->PromptEncoding:
+        "One stream: the shapes tokenizer's ids padded to `model.max_length` (16)."
+        return tokenize_prompt(model.tokenizer, prompt, model.max_length)
+
+    def encode_prompt(self, model, prompt:str)->PromptEncoding:
+        """`embeddings` (1, 16, 64) from `LocalTextEncoder`; `extra`: `pooled_projections` (the masked mean of the
+        embeddings over the real positions) and `encoder_attention_mask` (1 for real positions, 0 for padding)."""
+        enc = self.tokenize(model, prompt)
+        ids = enc.input_ids.to(model.text_encoder.device)
+        with torch.no_grad(): enc.embeddings = model.text_encoder(ids, attention_mask=enc.attention_mask.to(ids.device))[0]
+        mask = enc.attention_mask.to(ids.device)
+        enc.extra = dict(pooled_projections=masked_mean(enc.embeddings, mask), encoder_attention_mask=mask)
+        return enc
+
+    def denoise(self, denoiser, sample, timestep, context, pooled_projections=None, encoder_attention_mask=None, **extra):
+        "SD3's call, with the padding mask passed to every attention processor through `joint_attention_kwargs`."
+        kw = None if encoder_attention_mask is None else dict(attention_mask=encoder_attention_mask)
+        return denoiser(hidden_states=sample, timestep=timestep, encoder_hidden_states=context,
+                        pooled_projections=pooled_projections, joint_attention_kwargs=kw, return_dict=False, **extra)[0]
+
+    def recorder(self, name:str, module, **kw): return MaskedJointAttentionRecorder(name, **kw)
+
+    def from_pipeline(self, pipe, name:str|None=None):
+        raise NotImplementedError("The shapes MM-DiT has no diffusers pipeline: load it with load_model('shapes-mmdit') "
+                                  "or load_model('FILE.safetensors').")
+
+    def load(self, path, dtype=None, name:str|None=None)->DiffusionModel:
+        m = load_shapes(path).to(dtype=dtype)
+        if name: m.name = name
+        return m
+
+    def components(self, model)->dict:
+        raise ValueError("Pixel-space shapes models are saved with md_probe.shapes.save_shapes, not as a pipeline folder.")
+
+def _flow_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)   # no resolution shift at 32 px
+
+QK_NORM_GAIN = 2.0   # initial gain of every q/k rms norm: logits x4 at initialisation (see above)
+
+def build_shapes_mmdit(seed:int=0)->DiffusionModel:
+    "The shapes MM-DiT with seeded random weights (`load_model('shapes-mmdit-random')`)."
+    from diffusers import SD3Transformer2DModel
+    tok = shapes_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed); tr = SD3Transformer2DModel(**SHAPES_MMDIT)
+        torch.manual_seed(seed + 1); text = LocalTextEncoder(len(tok))
+    with torch.no_grad():   # q/k rms-norm gains start at QK_NORM_GAIN: attention logits x QK_NORM_GAIN**2 (learnable)
+        for name, p in tr.named_parameters():
+            if ".norm_" in name and name.endswith(("_q.weight", "_k.weight")): p.fill_(QK_NORM_GAIN)
+    tr.set_attn_processor(MaskedJointAttnProcessor())
+    return DiffusionModel(tr.eval(), text.eval(), tok, _flow_scheduler(), None, name="shapes-mmdit-random", image_size=32,
+                          max_length=SHAPES_MAX_LENGTH, pass_attention_mask=True, family="shapes-mmdit",
+                          backbone=ShapesMMDiT())
+
+# %% ../nbs/02_shapes.ipynb #mmdit0006
+def mmdit_default_layers(denoiser)->dict:
+    """MaskDiffusion's defaults for the shapes MM-DiT (`segment.FAMILY_DEFAULTS["shapes-mmdit"]`), by a stated rule:
+    the image-stream outputs of the blocks after the first and before the last as features, the joint attention
+    (text->image block) of every block after the first, t = 100 (sigma = 0.1)."""
+    n = denoiser.config.num_layers
+    return dict(feature_layers=tuple(f"transformer_blocks.{i}" for i in range(1, max(2, n - 1))), read="output",
+                attention_layers=tuple(f"transformer_blocks.{i}.attn" for i in range(1, n)), timestep=100)
+
 # %% ../nbs/02_shapes.ipynb #78fee829
+# family -> (format tag, tensor prefix and config key of the denoiser, its config)
+_CHECKPOINTS = {"shapes": ("md_probe.shapes/1", "unet", SHAPES_UNET),
+                "shapes-mmdit": ("md_probe.shapes-mmdit/1", "transformer", SHAPES_MMDIT)}
+
 def save_shapes(model:DiffusionModel, path, record:dict|None=None):
-    "Write `model` as one safetensors file (atomically), with `record` (training command, metrics) in its metadata."
+    "Write `model` (the shapes UNet or MM-DiT) as one safetensors file (atomically), with `record` (training command, metrics) in its metadata."
     from safetensors.torch import save_file
+    if model.family not in _CHECKPOINTS:
+        raise ValueError(f"save_shapes writes shapes models (families {list(_CHECKPOINTS)}), not {model.family!r}.")
+    fmt, prefix, config = _CHECKPOINTS[model.family]
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"unet.{k}": v.detach().float().contiguous() for k, v in model.denoiser.state_dict().items()}
+    tensors = {f"{prefix}.{k}": v.detach().float().contiguous() for k, v in model.denoiser.state_dict().items()}
     tensors |= {f"text_encoder.{k}": v.detach().float().contiguous() for k, v in model.text_encoder.state_dict().items()}
-    meta = {"format": "md_probe.shapes/1", "unet_config": json.dumps(SHAPES_UNET),
+    meta = {"format": fmt, f"{prefix}_config": json.dumps(config),
             "text_encoder_config": json.dumps(model.text_encoder.config), "record": json.dumps(record or {})}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
@@ -151,16 +288,18 @@ def read_record(path)->dict:
     with safe_open(str(path), "pt") as f: return json.loads(f.metadata().get("record", "{}"))
 
 def load_shapes(path)->DiffusionModel:
-    "A shapes model from a checkpoint file written by `save_shapes`."
+    "A shapes model (UNet or MM-DiT, as its metadata says) from a checkpoint file written by `save_shapes`."
     from safetensors.torch import load_file
     from safetensors import safe_open
     with safe_open(str(path), "pt") as f: meta = f.metadata() or {}
-    if meta.get("format") != "md_probe.shapes/1":
+    family = next((k for k, v in _CHECKPOINTS.items() if v[0] == meta.get("format")), None)
+    if family is None:
         raise ValueError(f"{path} is not a shapes checkpoint (no md_probe.shapes metadata): "
                          "pass a file written by `md-probe train-shapes`.")
-    model = build_shapes_model()
+    model = build_shapes_model() if family == "shapes" else build_shapes_mmdit()
+    prefix = _CHECKPOINTS[family][1] + "."
     sd = load_file(str(path))
-    model.denoiser.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("unet.")})
+    model.denoiser.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
     model.text_encoder.load_state_dict({k[13:]: v for k, v in sd.items() if k.startswith("text_encoder.")})
     model.name = Path(path).stem
     return model
@@ -189,6 +328,20 @@ def shapes_generative_model()->DiffusionModel:
 def shapes_random_model()->DiffusionModel:
     "The shapes architecture with seeded random weights: the control."
     return build_shapes_model(seed=0)
+
+def shapes_mmdit_model(path=None)->DiffusionModel:
+    "The trained shapes MM-DiT shipped with md_probe (`load_model('shapes-mmdit')`), or the checkpoint at `path`."
+    path = Path(path) if path is not None else _asset("shapes-mmdit.safetensors")
+    if not path.is_file():
+        raise FileNotFoundError(f"No shapes MM-DiT checkpoint at {path}: reinstall md_probe, or train one with "
+                                "`md-probe train-shapes --arch mmdit --out DIR` and load DIR/shapes-mmdit.safetensors.")
+    m = load_shapes(path)
+    if path == _asset("shapes-mmdit.safetensors"): m.name = "shapes-mmdit"
+    return m
+
+def shapes_mmdit_random_model()->DiffusionModel:
+    "The shapes MM-DiT with seeded random weights: its control."
+    return build_shapes_mmdit(seed=0)
 
 # %% ../nbs/02_shapes.ipynb #1d6eb6b8
 def training_prompt(scene:Scene, rng:np.random.Generator, p_names:float=0.5, p_distractor:float=0.2):
@@ -245,7 +398,7 @@ def _lr(step, steps, warmup, lr):
 
 def _is_int(v)->bool: return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
-def _check_training_args(steps, seed, batch_size, lr, grounding, max_grounding_t, warmup, ckpt_every, threads):
+def _check_training_args(steps, seed, batch_size, lr, grounding, max_grounding_t, warmup, ckpt_every, threads, arch="unet"):
     "A ValueError naming the first argument of `train_shapes` out of its range (nothing is written before)."
     finite = lambda v: isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
     checks = [("steps", steps, _is_int(steps) and steps >= 1, "an integer >= 1"),
@@ -256,11 +409,13 @@ def _check_training_args(steps, seed, batch_size, lr, grounding, max_grounding_t
               ("max_grounding_t", max_grounding_t, _is_int(max_grounding_t) and 0 <= max_grounding_t <= 1000, "an integer in [0, 1000]"),
               ("warmup", warmup, _is_int(warmup) and warmup >= 0, "an integer >= 0"),
               ("ckpt_every", ckpt_every, _is_int(ckpt_every) and ckpt_every >= 1, "an integer >= 1"),
-              ("threads", threads, threads is None or (_is_int(threads) and threads >= 1), "None or an integer >= 1")]
+              ("threads", threads, threads is None or (_is_int(threads) and threads >= 1), "None or an integer >= 1"),
+              ("arch", arch, arch in ARCHITECTURES, f"one of {ARCHITECTURES}")]
     for name, v, ok, what in checks:
         if not ok: raise ValueError(f"{name}={v!r}: pass {what}.")
 
-TRAINING_SETTINGS = ("steps", "seed", "batch_size", "lr", "grounding", "max_grounding_t", "warmup")  # what a resume must share
+ARCHITECTURES = ("unet", "mmdit")   # train_shapes(arch=...): the shapes UNet, or the shapes MM-DiT (SD3's transformer)
+TRAINING_SETTINGS = ("steps", "seed", "batch_size", "lr", "grounding", "max_grounding_t", "warmup", "arch")  # what a resume must share
 
 def _resume_state(path:Path, settings:dict)->dict|None:
     "The checkpoint at `path` if there is one made with `settings`; None if there is none; a ValueError otherwise."
@@ -273,6 +428,7 @@ def _resume_state(path:Path, settings:dict)->dict|None:
     if not isinstance(old, dict):
         raise ValueError(f"{path} records no training settings (an older md_probe wrote it), so a resume could mix two "
                          f"recipes: delete it to start again")
+    old = {"arch": "unet"} | old          # runs from before the MM-DiT trained the UNet
     diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
     if diff:
         raise ValueError(f"{path.parent} holds a training run with other settings {diff} (was, now): resume it with its "
@@ -291,7 +447,7 @@ def _loss_log(path:Path, start:int):
     write_text_atomic(path, _LOSS_HEADER + "".join(rows))
     return open(path, "a")
 
-def train_shapes(out, # output folder: state.pt (resumable), loss.csv, shapes.safetensors
+def train_shapes(out, # output folder: state.pt (resumable), loss.csv, shapes.safetensors (UNet) or shapes-mmdit.safetensors
                  steps:int=1000, # optimisation steps
                  seed:int=0, # seeds the initial weights, the scenes, the timesteps and the noise
                  batch_size:int=32,
@@ -302,45 +458,56 @@ def train_shapes(out, # output folder: state.pt (resumable), loss.csv, shapes.sa
                  ckpt_every:int=100, # steps between resumable checkpoints
                  threads:int|None=1, # torch threads (results are bit-reproducible at a fixed count)
                  progress:bool=True,
+                 arch:str="unet", # "unet": the shapes UNet (DDPM); "mmdit": the shapes MM-DiT (flow matching)
                 )->Path:
     "Train the shapes model (resuming from `out/state.pt` if present, made with the same settings); returns the checkpoint path."
     from tqdm.auto import tqdm
-    _check_training_args(steps, seed, batch_size, lr, grounding, max_grounding_t, warmup, ckpt_every, threads)
+    _check_training_args(steps, seed, batch_size, lr, grounding, max_grounding_t, warmup, ckpt_every, threads, arch)
     settings = dict(steps=int(steps), seed=int(seed), batch_size=int(batch_size), lr=float(lr), grounding=float(grounding),
-                    max_grounding_t=int(max_grounding_t), warmup=int(warmup))
+                    max_grounding_t=int(max_grounding_t), warmup=int(warmup), arch=arch)
     out, start = Path(out), 0
     state = out / "state.pt"
     ck = _resume_state(state, settings)                  # before anything is written: a refused folder stays as it was
     if threads: torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
-    model = build_shapes_model(seed)
-    unet, text = model.denoiser.train(), model.text_encoder.train()
+    mmdit = arch == "mmdit"
+    model = build_shapes_mmdit(seed) if mmdit else build_shapes_model(seed)
+    unet, text = model.denoiser.train(), model.text_encoder.train()     # `unet`: the denoiser, UNet or transformer
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     if ck is not None:
         unet.load_state_dict(ck["unet"]); text.load_state_dict(ck["text"]); opt.load_state_dict(ck["opt"])
         start = ck["step"]
     probs, original = [], dict(unet.attn_processors)
-    if grounding:
-        unet.set_attn_processor({n: AttentionRecorder(n, lambda name, p, lse: probs.append(p), keep_grad=True, heads=True)
-                                 if ".attn2." in n else proc for n, proc in unet.attn_processors.items()})
+    if grounding:   # the text->image block: UNet attn2; MM-DiT: the image rows x text keys of every joint softmax
+        sink = lambda name, p, lse, renorm=None: probs.append(p)
+        rec, where = (MaskedJointAttentionRecorder, ".attn.") if mmdit else (AttentionRecorder, ".attn2.")
+        unet.set_attn_processor({n: rec(n, sink, keep_grad=True, heads=True) if where in n else proc
+                                 for n, proc in unet.attn_processors.items()})
     sched, tok = model.scheduler, model.tokenizer
-    abar = sched.alphas_cumprod
+    abar = None if mmdit else sched.alphas_cumprod
     log = _loss_log(out / "loss.csv", start)
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="train-shapes", disable=not progress)
     for step in bar:
         rng = np.random.default_rng([seed, 7, step])
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
         imgs, masks, ids, att, pos = _batch([make_scene(rng) for _ in range(batch_size)], rng, tok)
-        t = torch.randint(0, sched.config.num_train_timesteps, (batch_size,), generator=gen)
-        eps = torch.randn(imgs.shape, generator=gen)
-        a = abar[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * imgs + (1 - a).sqrt() * eps
+        if mmdit:   # flow matching: sigma ~ U(0, 1), x_t = (1 - sigma) x_0 + sigma eps, velocity target eps - x_0, t = 1000 sigma
+            sigma = torch.rand(batch_size, generator=gen)
+            eps = torch.randn(imgs.shape, generator=gen)
+            s = sigma.view(-1, 1, 1, 1)
+            zt, target, t = (1 - s) * imgs + s * eps, eps - imgs, sigma * sched.config.num_train_timesteps
+        else:
+            t = torch.randint(0, sched.config.num_train_timesteps, (batch_size,), generator=gen)
+            eps = torch.randn(imgs.shape, generator=gen)
+            a = abar[t].view(-1, 1, 1, 1)
+            zt, target = a.sqrt() * imgs + (1 - a).sqrt() * eps, eps
         for g in opt.param_groups: g["lr"] = _lr(step, steps, warmup, lr)
         probs.clear()
         emb = text(ids, attention_mask=att)[0]
-        pred = unet(zt, t, encoder_hidden_states=emb, encoder_attention_mask=att).sample
-        mse = F.mse_loss(pred, eps)
+        if mmdit: pred = model.backbone.denoise(unet, zt, t, emb, pooled_projections=masked_mean(emb, att), encoder_attention_mask=att)
+        else: pred = unet(zt, t, encoder_hidden_states=emb, encoder_attention_mask=att).sample
+        mse = F.mse_loss(pred, target)
         keep = t < max_grounding_t
         gl = (torch.stack([grounding_loss(p[keep], masks[keep], pos[keep]) for p in probs]).mean()
               if grounding and keep.any() else torch.zeros(()))
@@ -358,8 +525,9 @@ def train_shapes(out, # output folder: state.pt (resumable), loss.csv, shapes.sa
     unet.set_attn_processor(original)
     model.denoiser.eval(); model.text_encoder.eval()
     # the folder's name only: a record never names a path of the machine it was made on
-    record = dict(command=f"md-probe train-shapes --out {out.resolve().name} --steps {steps} --seed {seed} --batch-size {batch_size} "
-                          f"--lr {lr} --grounding {grounding}", steps=steps, seed=seed, batch_size=batch_size, lr=lr,
-                  grounding=grounding, max_grounding_t=max_grounding_t, warmup=warmup, threads=threads,
-                  torch=torch.__version__)
-    return save_shapes(model, out / "shapes.safetensors", record)
+    record = dict(command=f"md-probe train-shapes {'--arch mmdit ' if mmdit else ''}--out {out.resolve().name} --steps {steps} "
+                          f"--seed {seed} --batch-size {batch_size} --lr {lr} --grounding {grounding}", steps=steps, seed=seed,
+                  batch_size=batch_size, lr=lr, grounding=grounding, max_grounding_t=max_grounding_t, warmup=warmup,
+                  threads=threads, torch=torch.__version__)
+    if mmdit: record["arch"] = arch
+    return save_shapes(model, out / ("shapes-mmdit.safetensors" if mmdit else "shapes.safetensors"), record)
