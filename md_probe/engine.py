@@ -186,6 +186,8 @@ def backbone_for(denoiser:torch.nn.Module)->Backbone:
     kind = type(denoiser).__name__
     if kind == "UNet2DConditionModel" and getattr(denoiser.config, "addition_embed_type", None) == "text_time":
         return _resolve("md_probe.sdxl:SDXL")()
+    if kind == "SD3Transformer2DModel" and any(type(p).__name__.startswith("MaskedJoint") for p in denoiser.attn_processors.values()):
+        return _resolve("md_probe.shapes:ShapesMMDiT")()      # the shapes MM-DiT masks its text padding
     refs = {"PixArtTransformer2DModel": "md_probe.pixart:PixArt", "SD3Transformer2DModel": "md_probe.sd3:SD3",
             "FluxTransformer2DModel": "md_probe.flux:Flux"}
     return _resolve(refs[kind])() if kind in refs else Backbone()
