@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from .models import DiffusionModel, PromptEncoding, clip_bpe_tokenizer, tokenize_prompt
 from .probe import AttentionRecorder
-from .sd3 import SD3, JointAttentionRecorder
+from .sd3 import SD3, JointAttentionRecorder, _heads_view
 from .utils import write_text_atomic
 
 # %% auto #0
@@ -139,9 +139,6 @@ SHAPES_MMDIT = dict(sample_size=32, patch_size=2, in_channels=3, out_channels=3,
                     num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=64, pooled_projection_dim=64,
                     pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
 
-def _heads(x, heads:int):
-    "(B, S, heads*D) -> (B, heads, S, D)."
-    return x.view(x.shape[0], -1, heads, x.shape[-1] // heads).transpose(1, 2)
 
 def _keys_mask(attention_mask:torch.Tensor, n:int)->torch.Tensor:
     "A (B, L) 0/1 text mask as a (B, 1, 1, n + L) bool mask of the joint keys [image (n), text (L)]: True = attended."
@@ -154,12 +151,12 @@ class MaskedJointAttnProcessor:
     every query's softmax. Without a mask (or without text: SD3.5's `attn2`) it is `JointAttnProcessor2_0`."""
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         b, n, heads = hidden_states.shape[0], hidden_states.shape[1], attn.heads
-        q, k, v = (_heads(f(hidden_states), heads) for f in (attn.to_q, attn.to_k, attn.to_v))
+        q, k, v = (_heads_view(f(hidden_states), heads) for f in (attn.to_q, attn.to_k, attn.to_v))
         if attn.norm_q is not None: q = attn.norm_q(q)
         if attn.norm_k is not None: k = attn.norm_k(k)
         joint, mask = encoder_hidden_states is not None, None
         if joint:
-            cq, ck, cv = (_heads(f(encoder_hidden_states), heads) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            cq, ck, cv = (_heads_view(f(encoder_hidden_states), heads) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
             if attn.norm_added_q is not None: cq = attn.norm_added_q(cq)
             if attn.norm_added_k is not None: ck = attn.norm_added_k(ck)
             q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
@@ -331,13 +328,11 @@ def shapes_random_model()->DiffusionModel:
 
 def shapes_mmdit_model(path=None)->DiffusionModel:
     "The trained shapes MM-DiT shipped with md_probe (`load_model('shapes-mmdit')`), or the checkpoint at `path`."
-    path = Path(path) if path is not None else _asset("shapes-mmdit.safetensors")
-    if not path.is_file():
-        raise FileNotFoundError(f"No shapes MM-DiT checkpoint at {path}: reinstall md_probe, or train one with "
-                                "`md-probe train-shapes --arch mmdit --out DIR` and load DIR/shapes-mmdit.safetensors.")
-    m = load_shapes(path)
-    if path == _asset("shapes-mmdit.safetensors"): m.name = "shapes-mmdit"
-    return m
+    if path is None:
+        m = shapes_model(_asset("shapes-mmdit.safetensors"))   # the same checks and loader as the UNet's checkpoint
+        m.name = "shapes-mmdit"
+        return m
+    return shapes_model(path)
 
 def shapes_mmdit_random_model()->DiffusionModel:
     "The shapes MM-DiT with seeded random weights: its control."
