@@ -1,6 +1,7 @@
 """What capturing costs on every backbone (SD 1.5, SDXL, PixArt-Sigma, SD3.5, FLUX.1), on CPU with one thread, measured
 side by side in one run (CPU time of this process, `time.process_time`; medians of `--repeats` runs, 3 by default,
-the variants of one measurement alternated so that a busy machine slows them alike). Nothing is asserted on a time.
+the variants of one measurement alternated so that a busy machine slows them alike; a ratio is the median over rounds
+of the two times of the same round, so drift between rounds cancels). Nothing is asserted on a time.
 
 (1) Capture overhead over the bare denoiser forward, per family:
     `run_with_cache(model, z, t, ctx, cross_attention=True, need_output=True, **extra)` (every text->image attention
@@ -17,7 +18,7 @@ the variants of one measurement alternated so that a busy machine slows them ali
 (2) Tracing overhead of a 2-step generation over the bare pipeline call (text encoders, denoiser, VAE decode, PIL
     output; guidance as each pipeline defaults), for md_probe's `trace(pipe)` and the peers on the same pipelines:
       sd      SD 1.5's full architecture (sd15-random: UNet, VAE, CLIP ViT-L) at 512 px, DDIM, CFG  (--quick: 256 px)
-              peer: DAAM 0.2.0 `daam.trace(pipe)`
+              peer: DAAM 0.2.0 `daam.trace(pipe)` (it records every attn2 but the mid block's; md_probe records all)
       sdxl    the reduced SDXL of (1) in StableDiffusionXLPipeline at 384 px, CFG; peer: DAAM 0.2.0
       pixart  the reduced PixArt of (1) in PixArtSigmaPipeline at 512 px, CFG; peer: attention-map-diffusers 1.0
       sd3     the reduced SD3.5 of (1) in StableDiffusion3Pipeline (32x32 tokens), CFG; peer: attention-map-diffusers 1.0
@@ -78,6 +79,11 @@ def alternate(fns:dict, repeats:int)->dict:
     return {k: (statistics.median(v), v) for k, v in times.items()}
 
 
+def paired(r:dict, k:str, base:str="bare")->float:
+    "Median over rounds of time(k) / time(base) in the same round: the machine's drift between rounds cancels."
+    return statistics.median(a / b for a, b in zip(r[k][1], r[base][1]))
+
+
 def fmt(ts): return "(" + ", ".join(f"{t:.2f}" for t in ts) + ")"
 
 
@@ -110,7 +116,7 @@ def part1(models:dict, repeats:int):
         r = alternate(dict(bare=bare, cap=cap), repeats)
         diff = ((got["cap"] - got["bare"]).abs().max() / got["bare"].abs().max()).item()
         n = len(got["cache"].probs)
-        ratios[fam] = r["cap"][0] / r["bare"][0]
+        ratios[fam] = paired(r, "cap")
         print(f"{fam:<7} {type(model.denoiser).__name__:<26} {sum(p.numel() for p in model.denoiser.parameters()) / 1e6:>6.0f} "
               f"{lat:>4}x{lat:<2} {ctx.shape[1]:>5} {n:>6} {r['bare'][0]:>7.2f} {r['cap'][0]:>9.2f} {ratios[fam]:>6.3f}  "
               f"{fmt(r['bare'][1])} | {fmt(r['cap'][1])}  (output rel. diff {diff:.1e})", flush=True)
@@ -162,7 +168,7 @@ def gen_kwargs(family:str, model, side:int)->dict:
 def part2(models:dict, repeats:int, quick:bool):
     from md_probe.trace import trace
     peers = load_peers()
-    print("\n(2) tracing overhead of a 2-step generation over the bare pipeline call (CPU s, medians; ratio = traced / bare)",
+    print("\n(2) tracing overhead of a 2-step generation over the bare pipeline call (CPU s, medians; ratio = traced / bare, median over rounds)",
           flush=True)
     notes = {k: n for k, (_, n) in peers.items() if n}
     if notes: print("    note: " + "; ".join(f"{PEER_NAMES[k]}: {n}" for k, n in notes.items()))
@@ -202,14 +208,14 @@ def part2(models:dict, repeats:int, quick:bool):
             fns[p] = f
         r = alternate(fns, repeats)
         base = r["bare"][0]
-        rows[fam] = {k: v[0] / base for k, v in r.items() if k != "bare"}
+        rows[fam] = {k: paired(r, k) for k in r if k != "bare"}
         print(f"[{fam}] {what}; text {model.max_length if fam != 'sd3' else '77 + 256'} positions", flush=True)
         print(f"    {'bare pipeline call':<48} {base:>8.2f} s  {fmt(r['bare'][1])}")
         for k in fns:
             if k == "bare": continue
             name = "md_probe trace (heads averaged)" if k == "md" else PEER_NAMES[k]
             nl = layers.get("md_probe" if k == "md" else k)
-            print(f"    {name:<48} {r[k][0]:>8.2f} s  ratio {r[k][0] / base:.3f}  {fmt(r[k][1])}"
+            print(f"    {name:<48} {r[k][0]:>8.2f} s  ratio {rows[fam][k]:.3f}  {fmt(r[k][1])}"
                   + (f"  [{nl} attention layers recorded]" if nl is not None else ""), flush=True)
     return rows
 

@@ -40,9 +40,14 @@ def _attention_and_lse(q, k, v, scale:float, mask, chunk_bytes:int)->tuple:
         lses.append(logits.logsumexp(-1))
     return torch.cat(outs, 2), torch.cat(lses, 2)
 
+def _mask_block(m:torch.Tensor, rows:slice, cols:slice, S:int)->torch.Tensor:
+    "The part of an additive mask (per query, or one row for all) that applies to a block of the logits."
+    return m[..., rows, cols] if m.ndim >= 2 and m.shape[-2] == S else m[..., cols]
+
 class AttentionRecorder:
     "Attention processor that computes attention exactly, memory-bounded, and records the image rows' probabilities."
     chunk_bytes = 2 ** 28   # the float32 logits of one query chunk stay under this: the full matrix never exists
+    cache_bytes = 2 ** 21   # CPU: chunks of about this size stay in cache (2x faster than one large chunk, measured)
 
     def __init__(self, name:str, # the attention module's name, passed to the sinks
                  sink=None,      # callable(name, probs, lse[, renorm=]) for the text->image block (None: not recorded)
@@ -67,48 +72,94 @@ class AttentionRecorder:
                mask:torch.Tensor|None=None, # additive mask broadcastable to (B, heads, S, S_k)
               )->torch.Tensor: # (B, heads, S, D_v) in v's dtype
         "softmax(q k^T * scale + mask) v, exactly; passes the image rows' blocks to every recorder of the chain."
-        S = q.shape[2]
-        out, lse = _attention_and_lse(q, k, v, scale, mask, self.chunk_bytes)
+        S, Sk = q.shape[2], k.shape[2]
         chain = list(self._chain())
-        text = text_keys is not None and any(r.sink for r in chain)
-        image = image_keys is not None and any(r.self_sink for r in chain)
-        if text or image: self._record(chain, q, k, scale, mask, lse, queries or slice(0, S), text_keys if text else None,
-                                       image_keys if image else None)
+        text = text_keys if text_keys is not None and any(r.sink for r in chain) else None
+        image = image_keys if image_keys is not None and any(r.self_sink for r in chain) else None
+        queries = queries or slice(0, S)
+        blocks = [x for x in (text, image) if x is not None]
+        if len(blocks) == 1 and range(Sk)[blocks[0]] == range(Sk):   # cross- or self-attention: the record is the softmax
+            return self._direct(chain, q, k, v, scale, mask, queries, text, image)
+        out, lse = _attention_and_lse(q, k, v, scale, mask, self.chunk_bytes)
+        if blocks: self._record(chain, q, k, scale, mask, lse, queries, text, image)
         return out
+
+    def _step(self, q, row_bytes:int)->int:
+        "Query rows per chunk: within `chunk_bytes`; on CPU also about `cache_bytes`, where chunks run faster."
+        most = max(1, self.chunk_bytes // row_bytes)
+        return most if q.device.type != "cpu" else min(most, max(64, self.cache_bytes // row_bytes))
+
+    def _direct(self, chain, q, k, v, scale, mask, queries, text_keys, image_keys):
+        "Attention whose recorded block is every key: each query chunk's probabilities give its output and its record."
+        B, H, S, _ = q.shape
+        m = None if mask is None else mask.float()
+        kt = k.float().transpose(-1, -2) * scale       # scaling the few keys, not every logit
+        lse_too = text_keys is not None and any(r.with_lse and r.sink for r in chain)
+        lo, hi = queries.start or 0, queries.stop if queries.stop is not None else S
+        parts, outs, step = self._parts(chain), [], self._step(q, 4 * B * H * k.shape[2])
+        for s in range(0, S, step):
+            rows = slice(s, min(s + step, S))
+            x = q[:, :, rows].float() @ kt
+            if m is not None: x = x + _mask_block(m, rows, slice(None), S)
+            p = x.softmax(-1)
+            outs.append(p.to(v.dtype) @ v)
+            a, b = max(s, lo) - s, min(s + step, hi) - s          # the recorded (image) rows of this chunk
+            if a < b:
+                lse = x[:, :, a:b].logsumexp(-1) if lse_too else None
+                self._collect(chain, parts, p[:, :, a:b] if text_keys is not None else None, None,
+                              p[:, :, a:b] if image_keys is not None else None, lse)
+        self._emit(chain, parts)
+        return torch.cat(outs, 2)
 
     def _record(self, chain, q, k, scale, mask, lse, queries, text_keys, image_keys):
         "Each recorder's blocks of the image rows: exp(q k_block^T * scale + mask - lse), per query chunk, from the lse over all keys."
         B, H, S, _ = q.shape
         Sk = k.shape[2]
-        partial_text = text_keys is not None and (text_keys.start or 0, text_keys.stop) != (0, Sk)   # a joint softmax
-        partial_image = image_keys is not None and (image_keys.start or 0, image_keys.stop) != (0, Sk)
-        keep_heads = any(r.heads for r in chain)
+        partial_text = text_keys is not None and range(Sk)[text_keys] != range(Sk)   # a joint softmax
+        partial_image = image_keys is not None and range(Sk)[image_keys] != range(Sk)
         keys = [x for x in (text_keys, image_keys) if x is not None]
-        step = max(1, self.chunk_bytes // (4 * B * H * max(1, sum(len(range(Sk)[x]) for x in keys))))
-        parts = [dict(probs=[], lse=[], renorm=[], self=[]) for _ in chain]
+        step = self._step(q, 4 * B * H * max(1, sum(len(range(Sk)[x]) for x in keys)))
+        parts = self._parts(chain)
         m = None if mask is None else mask.float()
         grads = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)   # training through the maps: no in-place
         lo, hi = queries.start or 0, queries.stop if queries.stop is not None else S
+        scaled = lambda cols: None if cols is None else k[:, :, cols].float().transpose(-1, -2) * scale  # once, not per logit
+        kt_text, kt_image = scaled(text_keys), scaled(image_keys)
         for s in range(lo, hi, step):
             rows = slice(s, min(s + step, hi))
-            def block(cols):
-                x = (q[:, :, rows].float() @ k[:, :, cols].float().transpose(-1, -2)).mul_(scale)
-                if m is not None: x.add_(m[..., rows, cols] if m.ndim >= 2 and m.shape[-2] == S else m[..., cols])
+            def block(cols, kt):
+                x = q[:, :, rows].float() @ kt
+                if m is not None: x.add_(_mask_block(m, rows, cols, S))
                 x.sub_(lse[:, :, rows, None].float())
-                tiny = x < -87          # exp would be subnormal (slow on CPUs) or 0 (masked padding): exactly 0
-                return x.clamp_(min=-87).exp_().masked_fill_(tiny, 0.0) if not grads else x.clamp(min=-87).exp().masked_fill(tiny, 0.0)
-            pt = block(text_keys) if text_keys is not None else None
-            pi = block(image_keys) if image_keys is not None else None
+                if m is None:           # exp(-87) is the smallest normal float: no subnormals (slow on CPUs)
+                    return x.clamp_(min=-87).exp_() if not grads else x.clamp(min=-87).exp()
+                tiny = x < -87          # masked keys (padding) get exactly 0
+                return x.exp_().masked_fill_(tiny, 0.0) if not grads else x.exp().masked_fill(tiny, 0.0)
+            pt = block(text_keys, kt_text) if text_keys is not None else None
+            pi = block(image_keys, kt_image) if image_keys is not None else None
             rn = pt / pt.sum(-1, keepdim=True) if partial_text else None
             if partial_image: pi = pi / pi.sum(-1, keepdim=True)
-            for r, acc in zip(chain, parts):
-                avg = (lambda x: x) if r.heads else (lambda x: x.mean(1, keepdim=True))
-                if pt is not None and r.sink:
-                    acc["probs"].append(avg(pt))
-                    if rn is not None: acc["renorm"].append(avg(rn))
-                    if r.with_lse: acc["lse"].append(lse[:, :, rows])
-                if pi is not None and r.self_sink: acc["self"].append(avg(pi))
-        for r, acc in zip(reversed(chain), reversed(parts)):     # the outermost recorder first, as nesting reads
+            self._collect(chain, parts, pt, rn, pi, lse[:, :, rows])
+        self._emit(chain, parts)
+
+    @staticmethod
+    def _parts(chain)->list: return [dict(probs=[], lse=[], renorm=[], self=[]) for _ in chain]
+
+    @staticmethod
+    def _collect(chain, parts, pt, rn, pi, lse):
+        "One query chunk's blocks into each recorder's parts: heads averaged unless it keeps them."
+        for r, acc in zip(chain, parts):
+            avg = (lambda x: x) if r.heads else (lambda x: x.mean(1, keepdim=True))
+            if pt is not None and r.sink:
+                acc["probs"].append(avg(pt))
+                if rn is not None: acc["renorm"].append(avg(rn))
+                if r.with_lse: acc["lse"].append(lse)
+            if pi is not None and r.self_sink: acc["self"].append(avg(pi))
+
+    @staticmethod
+    def _emit(chain, parts):
+        "Each recorder's chunks, joined, to its sinks: the outermost recorder first, as nesting reads."
+        for r, acc in zip(reversed(chain), reversed(parts)):
             keep = (lambda x: x) if r.keep_grad else (lambda x: x.detach())
             cat = lambda xs: keep(torch.cat(xs, 2)) if xs else None
             if acc["probs"]:
