@@ -656,7 +656,9 @@ class SegmentationExplorer(Explorer):
                             subplot_titles=["labels"] + list(s.classes) + [""] * n)
         ov = self._overlay()
         for t in list(ov.data[:2]) + _pad_legend([], n): fig.add_trace(t, 1, 1)
-        maps = viz.heatmap_grid(None, {"score": dict(zip(s.classes, s.scores)), "attention": dict(zip(s.classes, s.attention))})
+        hw = tuple(s.scores.shape[-2:])   # attention is on the model's token grid, scores at the input's size: draw both at that size
+        maps = viz.heatmap_grid(None, {"score": dict(zip(s.classes, s.scores)),
+                                       "attention": {c: viz.resize_map(a, hw) for c, a in zip(s.classes, s.attention)}})
         for i, t in enumerate(maps.data):
             t.colorscale = "RdBu_r" if i < n else "Viridis"
             fig.add_trace(t, 1 + i // n, 2 + i % n)

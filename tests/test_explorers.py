@@ -269,3 +269,13 @@ def test_selection_is_one_message_and_reports_are_not_echoed(shapes, scene):
     assert sent == ["_py2js_update"], sent                           # one message, not one per trace
     quiet = [n for n in ex.fig.trait_names() if n.startswith("_js2py_")]
     assert quiet and all(ex.fig.trait_metadata(n, "echo_update") is False for n in quiet)
+
+
+def test_segmentation_explorer_non_square_image(shapes, scene):
+    "An image resized to the model's square: the attention maps (token grid) are drawn at the input's size, as the scores."
+    from md_probe.explorers import SegmentationExplorer
+    img = np.concatenate([scene.image, scene.image[:, :16]], 1)     # 32 x 48
+    ex = SegmentationExplorer(shapes, img, classes="circle, square, background")
+    shapes_drawn = [np.asarray(t.z).shape[:2] for t in ex.fig.data if t.type == "heatmap"]
+    assert len(shapes_drawn) >= 6
+    assert all(abs(w / h - 48 / 32) < 0.1 for h, w in shapes_drawn), shapes_drawn
