@@ -16,7 +16,11 @@ of the two times of the same round, so drift between rounds cancels). Nothing is
     Text encoders, tokenizers and VAE are the tiny built-in model's (`load_model("tiny-sdxl")`, ...); the denoiser's
     text-input widths follow them.
 (2) Tracing overhead of a 2-step generation over the bare pipeline call (text encoders, denoiser, VAE decode, PIL
-    output; guidance as each pipeline defaults), for md_probe's `trace(pipe)` and the peers on the same pipelines:
+    output; guidance as each pipeline defaults), for md_probe's `trace(pipe)` and the peers on the same pipelines;
+    beside it, the CPU time spent inside the modules that see text (hooks on the modules, so they time whichever
+    processor a tracer installs): the attention work itself, free of the noise of the rest of the generation
+    (attention-map-diffusers' fast mode makes its maps in `.compute()`, after the calls: there it shows only what the
+    calls store; its ratio counts `.compute()`):
       sd      SD 1.5's full architecture (sd15-random: UNet, VAE, CLIP ViT-L) at 512 px, DDIM, CFG  (--quick: 256 px)
               peer: DAAM 0.2.0 `daam.trace(pipe)` (it records every attn2 but the mid block's; md_probe records all)
       sdxl    the reduced SDXL of (1) in StableDiffusionXLPipeline at 384 px, CFG; peer: DAAM 0.2.0
@@ -165,8 +169,27 @@ def gen_kwargs(family:str, model, side:int)->dict:
     return kw
 
 
+class AttentionClock:
+    """CPU time spent inside the given modules (forward pre-hook to forward hook), per variant of a measurement: the
+    attention work alone, without the noise of the rest of the generation. Its hooks sit on the modules themselves, so
+    they time whatever processor a tracer swaps in."""
+    def __init__(self, modules:list):
+        self.now, self.spent, self.runs = None, 0.0, {}
+        pre = lambda m, a: setattr(self, "t0", time.process_time())
+        def post(m, a, out): self.spent += time.process_time() - self.t0
+        self.handles = [h for mod in modules for h in (mod.register_forward_pre_hook(pre), mod.register_forward_hook(post))]
+    def timed(self, name:str, f):
+        def g():
+            self.spent = 0.0; out = f(); self.runs.setdefault(name, []).append(self.spent); return out
+        return g
+    def median(self, name:str)->float: return statistics.median(self.runs[name][1:])   # the untimed first run left out
+    def remove(self):
+        for h in self.handles: h.remove()
+
+
 def part2(models:dict, repeats:int, quick:bool):
     from md_probe.trace import trace
+    from md_probe.engine import resolve_capture
     peers = load_peers()
     print("\n(2) tracing overhead of a 2-step generation over the bare pipeline call (CPU s, medians; ratio = traced / bare, median over rounds)",
           flush=True)
@@ -206,17 +229,22 @@ def part2(models:dict, repeats:int, quick:bool):
                     cap.compute()                      # the maps exist only now (fast mode)
                     layers[p] = len({r.layer_id for r in cap.records if r.relation == "image->text"}) if hasattr(cap, "records") else None
             fns[p] = f
-        r = alternate(fns, repeats)
+        names = resolve_capture(model, (), True, False)[1]      # the modules that see text (what md_probe records)
+        clock = AttentionClock([model.denoiser.get_submodule(n) for n in names])
+        try: r = alternate({k: clock.timed(k, f) for k, f in fns.items()}, repeats)
+        finally: clock.remove()
         base = r["bare"][0]
         rows[fam] = {k: paired(r, k) for k in r if k != "bare"}
         print(f"[{fam}] {what}; text {model.max_length if fam != 'sd3' else '77 + 256'} positions", flush=True)
-        print(f"    {'bare pipeline call':<48} {base:>8.2f} s  {fmt(r['bare'][1])}")
+        print(f"    {'bare pipeline call':<48} {base:>8.2f} s  {fmt(r['bare'][1])}  "
+              f"[inside the {len(names)} text attention modules: {clock.median('bare'):.2f} s]")
         for k in fns:
             if k == "bare": continue
             name = "md_probe trace (heads averaged)" if k == "md" else PEER_NAMES[k]
             nl = layers.get("md_probe" if k == "md" else k)
             print(f"    {name:<48} {r[k][0]:>8.2f} s  ratio {rows[fam][k]:.3f}  {fmt(r[k][1])}"
-                  + (f"  [{nl} attention layers recorded]" if nl is not None else ""), flush=True)
+                  + (f"  [{nl} attention layers recorded]" if nl is not None else "")
+                  + f"  [inside them: {clock.median(k):.2f} s, +{clock.median(k) - clock.median('bare'):.2f} s]", flush=True)
     return rows
 
 # -- (3) memory -------------------------------------------------------------------------------------------------------

@@ -253,3 +253,23 @@ def test_trace_records_the_branch_asked_for(m, branch, row):
     with capture(m.denoiser, cross_attention=[L], backbone=m.backbone) as st, torch.no_grad(): m.denoiser(**kw)
     assert c.timesteps[1] == pytest.approx(float(calls[1]["timestep"][0]))
     torch.testing.assert_close(c.attention(L, step=1), st.attention[L][0][0], rtol=0, atol=1e-6)
+
+
+def test_trace_leaves_out_skip_layer_guidance_calls(m):
+    """SD3.5's skip-layer guidance adds, at some steps, a call with `skip_layers` (batch 1, some blocks skipped) after the
+    guided call: it is not a step, so trace records the guided calls only, and their maps are those of the guided call."""
+    from md_probe.trace import trace
+    p, calls, L = _pipe(m), [], JOINT[1]
+    h = m.denoiser.register_forward_pre_hook(lambda mod, a, kw: calls.append(dict(kw)), with_kwargs=True)
+    try:
+        with trace(p, cross_attention=[L]) as c:
+            p(PROMPT, num_inference_steps=3, guidance_scale=3.0, height=64, width=64, output_type="latent",
+              skip_guidance_layers=[1], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0,
+              generator=torch.Generator().manual_seed(0))
+    finally: h.remove()
+    guided = [k for k in calls if k.get("skip_layers") is None]
+    assert len(guided) == 3 and len(calls) > 3          # the pipeline did make skip-layer calls (steps 1 and 2)
+    assert c.meta["calls"] == 3 and c.timesteps == pytest.approx([float(k["timestep"][0]) for k in guided])
+    kw = {k: (v[1:2] if isinstance(v, torch.Tensor) and v.ndim else v) for k, v in guided[2].items()}
+    with capture(m.denoiser, cross_attention=[L], backbone=m.backbone) as st, torch.no_grad(): m.denoiser(**kw)
+    torch.testing.assert_close(c.attention(L, step=2), st.attention[L][0][0], rtol=0, atol=1e-6)
