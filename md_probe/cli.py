@@ -463,7 +463,10 @@ def cmd_train_shapes(args)->int:
     with _tidy_on_error(made):
         _out_dir(args.out, made)
         try: path = train_shapes(args.out, steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
-                                 grounding=args.grounding, progress=not args.quiet, arch=args.arch)
+                                 grounding=args.grounding, progress=not args.quiet, arch=args.arch,
+                                 max_grounding_t=args.max_grounding_t, warmup=args.warmup, p_names=args.p_names,
+                                 p_distractor=args.p_distractor, ground_from=args.ground_from, tied_qk=args.tied_qk,
+                                 dual_attention=args.dual_attention)
         except ValueError as e: raise UsageError(_message(e)) from None   # settings refused, or a folder of another run
     print(f"wrote {path}")
     return 0
@@ -654,6 +657,15 @@ def build_parser()->argparse.ArgumentParser:
     s.add_argument("--seed", type=seed_int, default=0); s.add_argument("--batch-size", type=positive_int, default=32)
     s.add_argument("--lr", type=finite_positive_float, default=1e-3); s.add_argument("--grounding", type=finite_nonnegative_float, default=0.1)
     s.add_argument("--arch", choices=("unet", "mmdit"), default="unet", help="the shapes UNet (default) or the shapes MM-DiT")
+    s.add_argument("--max-grounding-t", type=nonnegative_int, default=700, help="the grounding loss applies below this timestep (default 700)")
+    s.add_argument("--warmup", type=nonnegative_int, default=100, help="learning-rate warm-up steps (default 100)")
+    s.add_argument("--p-names", type=finite_nonnegative_float, default=0.5, help="share of names-only training prompts (default 0.5)")
+    s.add_argument("--p-distractor", type=finite_nonnegative_float, default=0.2,
+                   help="share of names-only prompts with an absent shape added (default 0.2)")
+    s.add_argument("--ground-from", type=nonnegative_int, default=0, help="MM-DiT: ground the joint attention of blocks >= N (default 0)")
+    s.add_argument("--tied-qk", action="store_true", help="MM-DiT: image key projections start equal to the query projections")
+    s.add_argument("--dual-attention", choices=("first", "all"), default="first",
+                   help="MM-DiT: dual-attention blocks, block 0 (default) or every block")
     s.add_argument("--quiet", action="store_true"); s.set_defaults(func=cmd_train_shapes)
     s = sub.add_parser("shapes-report", help="the shapes model's held-out mIoU table")
     s.add_argument("--n", type=positive_int, default=200); s.add_argument("--seed", type=seed_int, default=12345)

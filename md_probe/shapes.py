@@ -18,11 +18,12 @@ from .utils import write_text_atomic
 
 # %% auto #0
 __all__ = ['SHAPE_CLASSES', 'COLORS', 'SHAPES_WORDS', 'SHAPES_MAX_LENGTH', 'SHAPES_UNET', 'SHAPES_MMDIT', 'QK_NORM_GAIN',
-           'ARCHITECTURES', 'TRAINING_SETTINGS', 'Scene', 'make_scene', 'make_scenes', 'shapes_tokenizer',
-           'LocalTextEncoder', 'build_shapes_model', 'MaskedJointAttnProcessor', 'MaskedJointAttentionRecorder',
-           'masked_mean', 'ShapesMMDiT', 'build_shapes_mmdit', 'mmdit_default_layers', 'save_shapes', 'read_record',
-           'load_shapes', 'shapes_model', 'shapes_generative_model', 'shapes_random_model', 'shapes_mmdit_model',
-           'shapes_mmdit_random_model', 'training_prompt', 'grounding_loss', 'train_shapes']
+           'ARCHITECTURES', 'TRAINING_SETTINGS', 'DUAL_ATTENTION', 'Scene', 'make_scene', 'make_scenes',
+           'shapes_tokenizer', 'LocalTextEncoder', 'build_shapes_model', 'MaskedJointAttnProcessor',
+           'MaskedJointAttentionRecorder', 'masked_mean', 'ShapesMMDiT', 'build_shapes_mmdit', 'mmdit_default_layers',
+           'save_shapes', 'read_record', 'load_shapes', 'shapes_model', 'shapes_generative_model',
+           'shapes_random_model', 'shapes_mmdit_model', 'shapes_mmdit_random_model', 'training_prompt',
+           'grounding_loss', 'train_shapes']
 
 # %% ../nbs/02_shapes.ipynb #21b89893
 SHAPE_CLASSES = ("background", "circle", "square", "triangle", "cross")
@@ -234,16 +235,22 @@ def _flow_scheduler():
 
 QK_NORM_GAIN = 2.0   # initial gain of every q/k rms norm: logits x4 at initialisation (see above)
 
-def build_shapes_mmdit(seed:int=0)->DiffusionModel:
+def build_shapes_mmdit(seed:int=0, config:dict|None=None, # SD3Transformer2DModel arguments (default `SHAPES_MMDIT`)
+                       tied_qk:bool=False, # image-stream key projections start equal to the query projections
+                      )->DiffusionModel:
     "The shapes MM-DiT with seeded random weights (`load_model('shapes-mmdit-random')`)."
     from diffusers import SD3Transformer2DModel
     tok = shapes_tokenizer()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed); tr = SD3Transformer2DModel(**SHAPES_MMDIT)
+        torch.manual_seed(seed); tr = SD3Transformer2DModel(**(config or SHAPES_MMDIT))
         torch.manual_seed(seed + 1); text = LocalTextEncoder(len(tok))
     with torch.no_grad():   # q/k rms-norm gains start at QK_NORM_GAIN: attention logits x QK_NORM_GAIN**2 (learnable)
         for name, p in tr.named_parameters():
             if ".norm_" in name and name.endswith(("_q.weight", "_k.weight")): p.fill_(QK_NORM_GAIN)
+        if tied_qk:   # an initial value only: q.k then starts as a similarity of the two image tokens (content + position)
+            for b in tr.transformer_blocks:
+                for a in (b.attn, b.attn2):
+                    if a is not None: a.to_k.weight.copy_(a.to_q.weight)
     tr.set_attn_processor(MaskedJointAttnProcessor())
     return DiffusionModel(tr.eval(), text.eval(), tok, _flow_scheduler(), None, name="shapes-mmdit-random", image_size=32,
                           max_length=SHAPES_MAX_LENGTH, pass_attention_mask=True, family="shapes-mmdit",
@@ -263,12 +270,18 @@ def mmdit_default_layers(denoiser)->dict:
 _CHECKPOINTS = {"shapes": ("md_probe.shapes/1", "unet", SHAPES_UNET),
                 "shapes-mmdit": ("md_probe.shapes-mmdit/1", "transformer", SHAPES_MMDIT)}
 
+def _mmdit_config(c)->dict:
+    "The `SHAPES_MMDIT` keys of a transformer config (or a denoiser), lists back to tuples as JSON loses them."
+    c = c.config if hasattr(c, "config") else c
+    return {k: tuple(c[k]) if isinstance(c[k], list) else c[k] for k in SHAPES_MMDIT}
+
 def save_shapes(model:DiffusionModel, path, record:dict|None=None):
     "Write `model` (the shapes UNet or MM-DiT) as one safetensors file (atomically), with `record` (training command, metrics) in its metadata."
     from safetensors.torch import save_file
     if model.family not in _CHECKPOINTS:
         raise ValueError(f"save_shapes writes shapes models (families {list(_CHECKPOINTS)}), not {model.family!r}.")
     fmt, prefix, config = _CHECKPOINTS[model.family]
+    if model.family == "shapes-mmdit": config = _mmdit_config(model.denoiser)   # its own (dual-attention blocks may differ)
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"{prefix}.{k}": v.detach().float().contiguous() for k, v in model.denoiser.state_dict().items()}
     tensors |= {f"text_encoder.{k}": v.detach().float().contiguous() for k, v in model.text_encoder.state_dict().items()}
@@ -293,7 +306,8 @@ def load_shapes(path)->DiffusionModel:
     if family is None:
         raise ValueError(f"{path} is not a shapes checkpoint (no md_probe.shapes metadata): "
                          "pass a file written by `md-probe train-shapes`.")
-    model = build_shapes_model() if family == "shapes" else build_shapes_mmdit()
+    cfg = json.loads(meta.get("transformer_config", "null")) if family == "shapes-mmdit" else None
+    model = build_shapes_model() if family == "shapes" else build_shapes_mmdit(config=cfg and _mmdit_config(cfg))
     prefix = _CHECKPOINTS[family][1] + "."
     sd = load_file(str(path))
     model.denoiser.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
@@ -354,13 +368,13 @@ def training_prompt(scene:Scene, rng:np.random.Generator, p_names:float=0.5, p_d
     return " ".join(words), where
 
 # %% ../nbs/02_shapes.ipynb #47feed0a
-def _batch(scenes, rng, tok):
+def _batch(scenes, rng, tok, p_names:float=0.5, p_distractor:float=0.2):
     "Tensors for one training batch: images in [-1, 1], ids, masks, and each class word's token position."
     imgs = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
     masks = torch.from_numpy(np.stack([s.mask for s in scenes]))
     ids, att, pos = [], [], torch.full((len(scenes), len(SHAPE_CLASSES)), -1)
     for i, s in enumerate(scenes):
-        prompt, where = training_prompt(s, rng)
+        prompt, where = training_prompt(s, rng, p_names, p_distractor)
         enc = tokenize_prompt(tok, prompt, SHAPES_MAX_LENGTH)
         ids.append(enc.input_ids[0]); att.append(enc.attention_mask[0])
         for c, w in where.items(): pos[i, c] = enc.token_words.index(w)
@@ -410,7 +424,11 @@ def _check_training_args(steps, seed, batch_size, lr, grounding, max_grounding_t
         if not ok: raise ValueError(f"{name}={v!r}: pass {what}.")
 
 ARCHITECTURES = ("unet", "mmdit")   # train_shapes(arch=...): the shapes UNet, or the shapes MM-DiT (SD3's transformer)
-TRAINING_SETTINGS = ("steps", "seed", "batch_size", "lr", "grounding", "max_grounding_t", "warmup", "arch")  # what a resume must share
+TRAINING_SETTINGS = ("steps", "seed", "batch_size", "lr", "grounding", "max_grounding_t", "warmup", "arch", "p_names", "p_distractor",
+                     "ground_from", "tied_qk", "dual_attention")  # what a resume must share
+# the values of the settings added later, for runs started before them (they trained with these)
+_SETTING_DEFAULTS = dict(arch="unet", p_names=0.5, p_distractor=0.2, ground_from=0, tied_qk=False, dual_attention="first")
+DUAL_ATTENTION = ("first", "all")   # train_shapes(dual_attention=...): the MM-DiT's dual-attention blocks, block 0 or every block
 
 def _resume_state(path:Path, settings:dict)->dict|None:
     "The checkpoint at `path` if there is one made with `settings`; None if there is none; a ValueError otherwise."
@@ -423,7 +441,7 @@ def _resume_state(path:Path, settings:dict)->dict|None:
     if not isinstance(old, dict):
         raise ValueError(f"{path} records no training settings (an older md_probe wrote it), so a resume could mix two "
                          f"recipes: delete it to start again")
-    old = {"arch": "unet"} | old          # runs from before the MM-DiT trained the UNet
+    old = _SETTING_DEFAULTS | old          # runs from before a setting existed trained with its default
     diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
     if diff:
         raise ValueError(f"{path.parent} holds a training run with other settings {diff} (was, now): resume it with its "
@@ -454,19 +472,36 @@ def train_shapes(out, # output folder: state.pt (resumable), loss.csv, shapes.sa
                  threads:int|None=1, # torch threads (results are bit-reproducible at a fixed count)
                  progress:bool=True,
                  arch:str="unet", # "unet": the shapes UNet (DDPM); "mmdit": the shapes MM-DiT (flow matching)
+                 p_names:float=0.5, # share of names-only training prompts ("circle and square and background")
+                 p_distractor:float=0.2, # share of names-only prompts with an absent shape added
+                 ground_from:int=0, # MM-DiT: the grounding loss reads the joint attention of blocks ground_from, ... (UNet: 0)
+                 tied_qk:bool=False, # MM-DiT: image-stream key projections start equal to the query projections
+                 dual_attention:str="first", # MM-DiT: dual-attention (extra image self-attention) in block 0 ("first") or every block ("all")
                 )->Path:
     "Train the shapes model (resuming from `out/state.pt` if present, made with the same settings); returns the checkpoint path."
     from tqdm.auto import tqdm
     _check_training_args(steps, seed, batch_size, lr, grounding, max_grounding_t, warmup, ckpt_every, threads, arch)
+    unit = lambda v: isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and 0 <= v <= 1
+    for name, v, ok, what in [("p_names", p_names, unit(p_names), "a number in [0, 1]"),
+                              ("p_distractor", p_distractor, unit(p_distractor) and unit(p_names) and p_names + p_distractor <= 1,
+                               "a number in [0, 1 - p_names]"),
+                              ("ground_from", ground_from, _is_int(ground_from) and ground_from >= 0 and (arch == "mmdit" or ground_from == 0),
+                               "an integer >= 0 (0 for the UNet)"),
+                              ("tied_qk", tied_qk, isinstance(tied_qk, bool) and (arch == "mmdit" or not tied_qk), "a bool (False for the UNet)"),
+                              ("dual_attention", dual_attention, dual_attention in DUAL_ATTENTION and (arch == "mmdit" or dual_attention == "first"),
+                               f"one of {DUAL_ATTENTION} ('first' for the UNet)")]:
+        if not ok: raise ValueError(f"{name}={v!r}: pass {what}.")
     settings = dict(steps=int(steps), seed=int(seed), batch_size=int(batch_size), lr=float(lr), grounding=float(grounding),
-                    max_grounding_t=int(max_grounding_t), warmup=int(warmup), arch=arch)
+                    max_grounding_t=int(max_grounding_t), warmup=int(warmup), arch=arch, p_names=float(p_names),
+                    p_distractor=float(p_distractor), ground_from=int(ground_from), tied_qk=bool(tied_qk), dual_attention=dual_attention)
     out, start = Path(out), 0
     state = out / "state.pt"
     ck = _resume_state(state, settings)                  # before anything is written: a refused folder stays as it was
     if threads: torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
     mmdit = arch == "mmdit"
-    model = build_shapes_mmdit(seed) if mmdit else build_shapes_model(seed)
+    config = SHAPES_MMDIT | (dict(dual_attention_layers=tuple(range(SHAPES_MMDIT["num_layers"]))) if dual_attention == "all" else {})
+    model = build_shapes_mmdit(seed, config=config, tied_qk=tied_qk) if mmdit else build_shapes_model(seed)
     unet, text = model.denoiser.train(), model.text_encoder.train()     # `unet`: the denoiser, UNet or transformer
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
@@ -477,7 +512,8 @@ def train_shapes(out, # output folder: state.pt (resumable), loss.csv, shapes.sa
     if grounding:   # the text->image block: UNet attn2; MM-DiT: the image rows x text keys of every joint softmax
         sink = lambda name, p, lse, renorm=None: probs.append(p)
         rec, where = (MaskedJointAttentionRecorder, ".attn.") if mmdit else (AttentionRecorder, ".attn2.")
-        unet.set_attn_processor({n: rec(n, sink, keep_grad=True, heads=True) if where in n else proc
+        grounded = lambda n: where in n and (not mmdit or int(n.split(".")[1]) >= ground_from)   # transformer_blocks.{i}.attn
+        unet.set_attn_processor({n: rec(n, sink, keep_grad=True, heads=True) if grounded(n) else proc
                                  for n, proc in unet.attn_processors.items()})
     sched, tok = model.scheduler, model.tokenizer
     abar = None if mmdit else sched.alphas_cumprod
@@ -486,7 +522,7 @@ def train_shapes(out, # output folder: state.pt (resumable), loss.csv, shapes.sa
     for step in bar:
         rng = np.random.default_rng([seed, 7, step])
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        imgs, masks, ids, att, pos = _batch([make_scene(rng) for _ in range(batch_size)], rng, tok)
+        imgs, masks, ids, att, pos = _batch([make_scene(rng) for _ in range(batch_size)], rng, tok, p_names, p_distractor)
         if mmdit:   # flow matching: sigma ~ U(0, 1), x_t = (1 - sigma) x_0 + sigma eps, velocity target eps - x_0, t = 1000 sigma
             sigma = torch.rand(batch_size, generator=gen)
             eps = torch.randn(imgs.shape, generator=gen)
@@ -521,8 +557,13 @@ def train_shapes(out, # output folder: state.pt (resumable), loss.csv, shapes.sa
     model.denoiser.eval(); model.text_encoder.eval()
     # the folder's name only: a record never names a path of the machine it was made on
     record = dict(command=f"md-probe train-shapes {'--arch mmdit ' if mmdit else ''}--out {out.resolve().name} --steps {steps} "
-                          f"--seed {seed} --batch-size {batch_size} --lr {lr} --grounding {grounding}", steps=steps, seed=seed,
+                          f"--seed {seed} --batch-size {batch_size} --lr {lr} --grounding {grounding}" + "".join(
+                              f" --{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in settings.items()
+                              if k in ("max_grounding_t", "warmup") + tuple(_SETTING_DEFAULTS)[1:] and v != dict(
+                                  max_grounding_t=700, warmup=100, **_SETTING_DEFAULTS)[k]), steps=steps, seed=seed,
                   batch_size=batch_size, lr=lr, grounding=grounding, max_grounding_t=max_grounding_t, warmup=warmup,
                   threads=threads, torch=torch.__version__)
+    if settings != settings | {k: v for k, v in _SETTING_DEFAULTS.items() if k != "arch"}:   # the recipe knobs, where not the defaults
+        record |= {k: settings[k] for k in tuple(_SETTING_DEFAULTS)[1:]}
     if mmdit: record["arch"] = arch
     return save_shapes(model, out / ("shapes-mmdit.safetensors" if mmdit else "shapes.safetensors"), record)

@@ -165,6 +165,24 @@ def test_grounding_loss_reaches_the_joint_attention(tmp_path):
     train_shapes(tmp_path / "z", steps=2, batch_size=4, warmup=1, progress=False, arch="mmdit", grounding=0.0)
     assert all(float(r[3]) > 0 for r in rows(tmp_path / "g")) and all(float(r[3]) == 0 for r in rows(tmp_path / "z"))
 
+def test_recipe_knobs_are_recorded_loaded_and_part_of_the_resume_settings(tmp_path):
+    "ground_from, tied_qk, dual_attention and the prompt mix: in the record and the command, the file's own config on load, resume checks."
+    kw = dict(steps=2, batch_size=2, warmup=1, progress=False, arch="mmdit", grounding=0.3, max_grounding_t=1000, p_names=1.0,
+              p_distractor=0.0, ground_from=1, tied_qk=True, dual_attention="all")
+    p = train_shapes(tmp_path / "k", **kw)
+    rec = read_record(p)
+    assert {k: rec[k] for k in ("p_names", "p_distractor", "ground_from", "tied_qk", "dual_attention")} == \
+           dict(p_names=1.0, p_distractor=0.0, ground_from=1, tied_qk=True, dual_attention="all")
+    assert "--ground-from 1 --tied-qk --dual-attention all" in rec["command"] and "--p-names 1.0" in rec["command"]
+    m = load_model(str(p))
+    assert tuple(m.denoiser.config.dual_attention_layers) == (0, 1, 2, 3) and all(b.attn2 is not None for b in m.denoiser.transformer_blocks)
+    assert load_shapes(ASSETS / "shapes-mmdit.safetensors").denoiser.config.dual_attention_layers == SHAPES_MMDIT["dual_attention_layers"]
+    t = build_shapes_mmdit(tied_qk=True).denoiser.transformer_blocks[2].attn
+    assert torch.equal(t.to_k.weight, t.to_q.weight) and not torch.equal(t.add_k_proj.weight, t.add_q_proj.weight)
+    with pytest.raises(ValueError, match="'ground_from': \\(1, 0\\)"): train_shapes(tmp_path / "k", **(kw | dict(ground_from=0)))
+    with pytest.raises(ValueError, match="p_distractor="): train_shapes(tmp_path / "x", **(kw | dict(p_distractor=0.5)))
+    with pytest.raises(ValueError, match="tied_qk="): train_shapes(tmp_path / "x", **(kw | dict(arch="unet", ground_from=0, dual_attention="first")))
+
 # --- the shipped checkpoint ---------------------------------------------------------------------------------------------
 
 def test_shipped_checkpoint_and_record():
