@@ -428,6 +428,8 @@ TRAINING_SETTINGS = ("steps", "seed", "batch_size", "lr", "grounding", "max_grou
                      "ground_from", "tied_qk", "dual_attention")  # what a resume must share
 # the values of the settings added later, for runs started before them (they trained with these)
 _SETTING_DEFAULTS = dict(arch="unet", p_names=0.5, p_distractor=0.2, ground_from=0, tied_qk=False, dual_attention="first")
+# flags a training command names only where they differ from `train_shapes`'s defaults
+_FLAG_DEFAULTS = dict(max_grounding_t=700, warmup=100) | {k: v for k, v in _SETTING_DEFAULTS.items() if k != "arch"}
 DUAL_ATTENTION = ("first", "all")   # train_shapes(dual_attention=...): the MM-DiT's dual-attention blocks, block 0 or every block
 
 def _resume_state(path:Path, settings:dict)->dict|None:
@@ -556,14 +558,14 @@ def train_shapes(out, # output folder: state.pt (resumable), loss.csv, shapes.sa
     unet.set_attn_processor(original)
     model.denoiser.eval(); model.text_encoder.eval()
     # the folder's name only: a record never names a path of the machine it was made on
+    changed = {k: settings[k] for k, d in _FLAG_DEFAULTS.items() if settings[k] != d}   # the flags the command needs
     record = dict(command=f"md-probe train-shapes {'--arch mmdit ' if mmdit else ''}--out {out.resolve().name} --steps {steps} "
-                          f"--seed {seed} --batch-size {batch_size} --lr {lr} --grounding {grounding}" + "".join(
-                              f" --{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in settings.items()
-                              if k in ("max_grounding_t", "warmup") + tuple(_SETTING_DEFAULTS)[1:] and v != dict(
-                                  max_grounding_t=700, warmup=100, **_SETTING_DEFAULTS)[k]), steps=steps, seed=seed,
+                          f"--seed {seed} --batch-size {batch_size} --lr {lr} --grounding {grounding}"
+                          + "".join(f" --{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in changed.items()),
+                  steps=steps, seed=seed,
                   batch_size=batch_size, lr=lr, grounding=grounding, max_grounding_t=max_grounding_t, warmup=warmup,
                   threads=threads, torch=torch.__version__)
-    if settings != settings | {k: v for k, v in _SETTING_DEFAULTS.items() if k != "arch"}:   # the recipe knobs, where not the defaults
-        record |= {k: settings[k] for k in tuple(_SETTING_DEFAULTS)[1:]}
+    knobs = tuple(_SETTING_DEFAULTS)[1:]                                  # the recipe knobs, all recorded if one is set
+    if any(k in changed for k in knobs): record |= {k: settings[k] for k in knobs}
     if mmdit: record["arch"] = arch
     return save_shapes(model, out / ("shapes-mmdit.safetensors" if mmdit else "shapes.safetensors"), record)
