@@ -471,7 +471,8 @@ def cmd_train_shapes(args)->int:
     print(f"wrote {path}")
     return 0
 
-SHAPES_CONTROLS = {"shapes": "shapes-random", "shapes-generative": "shapes-random", "shapes-mmdit": "shapes-mmdit-random"}
+SHAPES_CONTROLS = {"shapes": "shapes-random", "shapes-generative": "shapes-random", "shapes-mmdit": "shapes-mmdit-random",
+                   "shapes-mmdit-generative": "shapes-mmdit-random"}
 
 def cmd_shapes_report(args)->int:
     "`md-probe shapes-report`: a shapes model's held-out table, beside its random-weight control."
@@ -479,7 +480,9 @@ def cmd_shapes_report(args)->int:
     control = SHAPES_CONTROLS.get(name)
     if control is None and name.endswith(".safetensors") and Path(name).is_file():   # a trained checkpoint: by its architecture
         from md_probe.models import load_model
-        control = {"shapes": "shapes-random", "shapes-mmdit": "shapes-mmdit-random"}.get(load_model(name).family)
+        from md_probe.shapes import shapes_mmdit_random_model
+        family = load_model(name).family   # an MM-DiT's control is its own start: its config and initialisation may differ
+        control = "shapes-random" if family == "shapes" else shapes_mmdit_random_model(name) if family == "shapes-mmdit" else None
     if control is None and name not in ("shapes-random", "shapes-mmdit-random"):
         raise UsageError(f"--model {name!r}: pass a shapes model ({', '.join(SHAPES_CONTROLS)}, shapes-random, "
                          "shapes-mmdit-random) or a checkpoint written by md-probe train-shapes")
@@ -669,7 +672,7 @@ def build_parser()->argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true"); s.set_defaults(func=cmd_train_shapes)
     s = sub.add_parser("shapes-report", help="the shapes model's held-out mIoU table")
     s.add_argument("--n", type=positive_int, default=200); s.add_argument("--seed", type=seed_int, default=12345)
-    s.add_argument("--model", default="shapes", help="shapes (default), shapes-generative, shapes-mmdit, or a shapes checkpoint file")
+    s.add_argument("--model", default="shapes", help="shapes (default), shapes-generative, shapes-mmdit, shapes-mmdit-generative, or a shapes checkpoint file")
     s.set_defaults(func=cmd_shapes_report)
     s = sub.add_parser("eval", help="score a method on a data set (resumable; several GPUs under accelerate launch)")
     add_eval_args(s).set_defaults(func=cmd_eval)

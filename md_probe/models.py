@@ -626,7 +626,8 @@ BUILTIN_MODELS = {"tiny": "md_probe.models:tiny_model", "sd15-random": "md_probe
                   "tiny-sdxl": "md_probe.sdxl:tiny_sdxl", "tiny-pixart": "md_probe.pixart:tiny_pixart",
                   "tiny-sd3": "md_probe.sd3:tiny_sd3", "tiny-flux": "md_probe.flux:tiny_flux",
                   "shapes-mmdit": "md_probe.shapes:shapes_mmdit_model",
-                  "shapes-mmdit-random": "md_probe.shapes:shapes_mmdit_random_model"}
+                  "shapes-mmdit-random": "md_probe.shapes:shapes_mmdit_random_model",
+                  "shapes-mmdit-generative": "md_probe.shapes:shapes_mmdit_generative_model"}
 
 # model_index.json's pipeline class -> the backbone that loads it
 PIPELINES = {"StableDiffusionPipeline": "md_probe.models:Backbone",

@@ -164,7 +164,7 @@ def reproduce_table(rows:list)->str:
 def shapes_report(n:int=200, # held-out scenes
                   seed:int=12345, # their seed (training used others)
                   batch_size:int=50, # scenes per UNet call
-                  models=("shapes", "shapes-random"), # the trained model and its random-weight control
+                  models=("shapes", "shapes-random"), # the trained model and its random-weight control: names, files or models
                   print_table:bool=True, # print the table
                  ):
     "mIoU of MaskDiffusion, attention argmax and Unsupervised MaskDiffusion on the shapes scenes, trained vs random weights."
@@ -174,8 +174,9 @@ def shapes_report(n:int=200, # held-out scenes
     ds = load_dataset("shapes", n=n, seed=seed)
     runs = (("maskdiffusion", dict(prompt_classes="present")), ("attention", dict(prompt_classes="present")), ("unsupervised", {}))
     table = {}
-    for name in models:
-        model = load_model(name)
+    for ref in models:
+        model = ref if isinstance(ref, DiffusionModel) else load_model(str(ref))
+        name = model.name if isinstance(ref, DiffusionModel) else str(ref)
         for m, opts in runs:
             r = evaluate(make_method(m, model, **opts), ds, batch_size=batch_size, progress=False, num_workers=0)
             table.setdefault((EVAL_METHODS[m].title, r.protocol), {})[name] = round(r.miou, 4)

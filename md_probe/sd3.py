@@ -17,31 +17,37 @@ def _heads_view(x, heads:int):
     "(B, S, heads*D) -> (B, heads, S, D)."
     return x.view(x.shape[0], -1, heads, x.shape[-1] // heads).transpose(1, 2)
 
+def _joint_call(attn, hidden_states, encoder_hidden_states, attention):
+    """`JointAttnProcessor2_0` step by step, the attention itself left to `attention(q, k, v, n)` ((B, heads, keys, D),
+    keys [image (n), text] when there is text): the one copy of the projections that the recorders and processors share."""
+    b, n, heads = hidden_states.shape[0], hidden_states.shape[1], attn.heads
+    q, k, v = (_heads_view(f(hidden_states), heads) for f in (attn.to_q, attn.to_k, attn.to_v))
+    if attn.norm_q is not None: q = attn.norm_q(q)
+    if attn.norm_k is not None: k = attn.norm_k(k)
+    joint = encoder_hidden_states is not None
+    if joint:
+        cq, ck, cv = (_heads_view(f(encoder_hidden_states), heads) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+        if attn.norm_added_q is not None: cq = attn.norm_added_q(cq)
+        if attn.norm_added_k is not None: ck = attn.norm_added_k(ck)
+        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+    out = attention(q, k, v, n)
+    out = out.transpose(1, 2).reshape(b, -1, heads * q.shape[-1]).to(q.dtype)
+    if joint:
+        out, ctx = out[:, :n], out[:, n:]
+        if not attn.context_pre_only: ctx = attn.to_add_out(ctx)
+    out = attn.to_out[1](attn.to_out[0](out))
+    return (out, ctx) if joint else out
+
 class JointAttentionRecorder(AttentionRecorder):
     """Records SD3's `Attention` modules (default processor `JointAttnProcessor2_0`): the joint `attn` of a
     `JointTransformerBlock`, whose keys are [image, text] (text->image and image->image blocks of the image query rows),
     and SD3.5's `attn2` (no `encoder_hidden_states`: image->image only). Mirrors the processor step by step; only
     the attention itself goes through `attend` (exact softmax over all keys, per query chunk)."""
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        b, n, heads = hidden_states.shape[0], hidden_states.shape[1], attn.heads
-        q, k, v = (_heads_view(f(hidden_states), heads) for f in (attn.to_q, attn.to_k, attn.to_v))
-        if attn.norm_q is not None: q = attn.norm_q(q)
-        if attn.norm_k is not None: k = attn.norm_k(k)
         joint = encoder_hidden_states is not None
-        if joint:
-            cq, ck, cv = (_heads_view(f(encoder_hidden_states), heads) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
-            if attn.norm_added_q is not None: cq = attn.norm_added_q(cq)
-            if attn.norm_added_k is not None: ck = attn.norm_added_k(ck)
-            q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
-        S = k.shape[2]
-        out = self.attend(q, k, v, scale=q.shape[-1] ** -0.5,   # SDPA's default scale, as the processor uses
-                          queries=slice(0, n), text_keys=slice(n, S) if joint else None, image_keys=slice(0, n), mask=None)
-        out = out.transpose(1, 2).reshape(b, -1, heads * q.shape[-1]).to(q.dtype)
-        if joint:
-            out, ctx = out[:, :n], out[:, n:]
-            if not attn.context_pre_only: ctx = attn.to_add_out(ctx)
-        out = attn.to_out[1](attn.to_out[0](out))
-        return (out, ctx) if joint else out
+        return _joint_call(attn, hidden_states, encoder_hidden_states, lambda q, k, v, n: self.attend(
+            q, k, v, scale=q.shape[-1] ** -0.5,   # SDPA's default scale, as the processor uses
+            queries=slice(0, n), text_keys=slice(n, k.shape[2]) if joint else None, image_keys=slice(0, n), mask=None))
 
 # %% ../nbs/02c_sd3.ipynb #sd3c0008
 _SD3_KINDS = ("PatchEmbed", "JointTransformerBlock", "Attention")

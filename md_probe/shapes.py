@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from .models import DiffusionModel, PromptEncoding, clip_bpe_tokenizer, tokenize_prompt
 from .probe import AttentionRecorder
-from .sd3 import SD3, JointAttentionRecorder, _heads_view
+from .sd3 import SD3, JointAttentionRecorder, _joint_call
 from .utils import write_text_atomic
 
 # %% auto #0
@@ -22,8 +22,8 @@ __all__ = ['SHAPE_CLASSES', 'COLORS', 'SHAPES_WORDS', 'SHAPES_MAX_LENGTH', 'SHAP
            'shapes_tokenizer', 'LocalTextEncoder', 'build_shapes_model', 'MaskedJointAttnProcessor',
            'MaskedJointAttentionRecorder', 'masked_mean', 'ShapesMMDiT', 'build_shapes_mmdit', 'mmdit_default_layers',
            'save_shapes', 'read_record', 'load_shapes', 'shapes_model', 'shapes_generative_model',
-           'shapes_random_model', 'shapes_mmdit_model', 'shapes_mmdit_random_model', 'training_prompt',
-           'grounding_loss', 'train_shapes']
+           'shapes_random_model', 'shapes_mmdit_model', 'shapes_mmdit_generative_model', 'shapes_mmdit_random_model',
+           'training_prompt', 'grounding_loss', 'train_shapes']
 
 # %% ../nbs/02_shapes.ipynb #21b89893
 SHAPE_CLASSES = ("background", "circle", "square", "triangle", "cross")
@@ -151,24 +151,9 @@ class MaskedJointAttnProcessor:
     projections) plus a text padding mask: `attention_mask` (B, L), 0 for padding, removes the padded text keys from
     every query's softmax. Without a mask (or without text: SD3.5's `attn2`) it is `JointAttnProcessor2_0`."""
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        b, n, heads = hidden_states.shape[0], hidden_states.shape[1], attn.heads
-        q, k, v = (_heads_view(f(hidden_states), heads) for f in (attn.to_q, attn.to_k, attn.to_v))
-        if attn.norm_q is not None: q = attn.norm_q(q)
-        if attn.norm_k is not None: k = attn.norm_k(k)
-        joint, mask = encoder_hidden_states is not None, None
-        if joint:
-            cq, ck, cv = (_heads_view(f(encoder_hidden_states), heads) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
-            if attn.norm_added_q is not None: cq = attn.norm_added_q(cq)
-            if attn.norm_added_k is not None: ck = attn.norm_added_k(ck)
-            q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
-            if attention_mask is not None: mask = _keys_mask(attention_mask, n)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out = out.transpose(1, 2).reshape(b, -1, heads * q.shape[-1]).to(q.dtype)
-        if joint:
-            out, ctx = out[:, :n], out[:, n:]
-            if not attn.context_pre_only: ctx = attn.to_add_out(ctx)
-        out = attn.to_out[1](attn.to_out[0](out))
-        return (out, ctx) if joint else out
+        masked = encoder_hidden_states is not None and attention_mask is not None
+        return _joint_call(attn, hidden_states, encoder_hidden_states, lambda q, k, v, n: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=_keys_mask(attention_mask, n) if masked else None))
 
 class MaskedJointAttentionRecorder(JointAttentionRecorder):
     "SD3's `JointAttentionRecorder` with the text padding mask of `MaskedJointAttnProcessor` (padded keys: probability 0)."
@@ -292,22 +277,28 @@ def save_shapes(model:DiffusionModel, path, record:dict|None=None):
     os.replace(tmp, path)
     return path
 
+def _metadata(path)->dict:
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f: return f.metadata() or {}
+
 def read_record(path)->dict:
     "The training record stored in a shapes checkpoint."
-    from safetensors import safe_open
-    with safe_open(str(path), "pt") as f: return json.loads(f.metadata().get("record", "{}"))
+    return json.loads(_metadata(path).get("record", "{}"))
+
+def _stored_mmdit_config(meta:dict)->dict|None:
+    "The transformer config a shapes MM-DiT checkpoint's metadata stores (None for the UNet's)."
+    cfg = json.loads(meta.get("transformer_config", "null"))
+    return cfg and _mmdit_config(cfg)
 
 def load_shapes(path)->DiffusionModel:
     "A shapes model (UNet or MM-DiT, as its metadata says) from a checkpoint file written by `save_shapes`."
     from safetensors.torch import load_file
-    from safetensors import safe_open
-    with safe_open(str(path), "pt") as f: meta = f.metadata() or {}
+    meta = _metadata(path)
     family = next((k for k, v in _CHECKPOINTS.items() if v[0] == meta.get("format")), None)
     if family is None:
         raise ValueError(f"{path} is not a shapes checkpoint (no md_probe.shapes metadata): "
                          "pass a file written by `md-probe train-shapes`.")
-    cfg = json.loads(meta.get("transformer_config", "null")) if family == "shapes-mmdit" else None
-    model = build_shapes_model() if family == "shapes" else build_shapes_mmdit(config=cfg and _mmdit_config(cfg))
+    model = build_shapes_model() if family == "shapes" else build_shapes_mmdit(config=_stored_mmdit_config(meta))
     prefix = _CHECKPOINTS[family][1] + "."
     sd = load_file(str(path))
     model.denoiser.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
@@ -348,9 +339,22 @@ def shapes_mmdit_model(path=None)->DiffusionModel:
         return m
     return shapes_model(path)
 
-def shapes_mmdit_random_model()->DiffusionModel:
-    "The shapes MM-DiT with seeded random weights: its control."
-    return build_shapes_mmdit(seed=0)
+def shapes_mmdit_generative_model()->DiffusionModel:
+    "The shipped MM-DiT's recipe and seed trained without the grounding loss (`load_model('shapes-mmdit-generative')`)."
+    m = shapes_model(_asset("shapes-mmdit-generative.safetensors"))
+    m.name = "shapes-mmdit-generative"
+    return m
+
+def shapes_mmdit_random_model(path=None)->DiffusionModel:
+    """The control of the shapes MM-DiT checkpoint at `path` (default: the shipped one): its architecture (the
+    transformer config the checkpoint stores) and initialisation (`tied_qk` and the seed of its record) without the
+    training, i.e. the very weights its training started from."""
+    path = Path(path) if path is not None else _asset("shapes-mmdit.safetensors")
+    meta = _metadata(path)
+    if (config := _stored_mmdit_config(meta)) is None:
+        raise ValueError(f"{path} is not a shapes MM-DiT checkpoint: pass a file written by `md-probe train-shapes --arch mmdit`.")
+    rec = json.loads(meta.get("record", "{}"))
+    return build_shapes_mmdit(seed=rec.get("seed", 0), config=config, tied_qk=rec.get("tied_qk", False))
 
 # %% ../nbs/02_shapes.ipynb #1d6eb6b8
 def training_prompt(scene:Scene, rng:np.random.Generator, p_names:float=0.5, p_distractor:float=0.2):

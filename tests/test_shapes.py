@@ -73,7 +73,7 @@ def test_shipped_records_name_no_path_of_a_machine():
     "The record in each shipped checkpoint, and the .json copy beside it, name the output folder, not its path."
     import md_probe, pathlib
     assets = pathlib.Path(md_probe.__file__).parent / "assets"
-    for stem in ("shapes", "shapes-generative"):
+    for stem in ("shapes", "shapes-generative", "shapes-mmdit", "shapes-mmdit-generative"):
         rec = read_record(assets / f"{stem}.safetensors")
         assert rec == json.loads((assets / f"{stem}.json").read_text())
         out = rec["command"].split("--out ")[1].split()[0]
