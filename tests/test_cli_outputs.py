@@ -147,7 +147,14 @@ def test_write_together_replaces_old_files_whole(tmp_path):
     with write_together([tmp_path / "a", tmp_path / "b"]) as (a, b): Path(a).write_text("new a"); Path(b).write_text("new b")
     assert [(tmp_path / n).read_text() for n in "ab"] == ["new a", "new b"] and names(tmp_path) == {"a", "b"}
 
-def test_ctrl_c_during_the_renames_is_held_until_the_group_is_whole(tmp_path, monkeypatch):
+@pytest.fixture
+def python_sigint():
+    "Python's own Ctrl-C handler, whatever this process inherited: bash starts a background job with SIGINT ignored."
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+def test_ctrl_c_during_the_renames_is_held_until_the_group_is_whole(tmp_path, monkeypatch, python_sigint):
     "SIGINT arriving between two renames: both files are placed, then KeyboardInterrupt."
     real, n = os.replace, []
     def replace(a, b):
