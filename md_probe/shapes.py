@@ -350,10 +350,9 @@ def shapes_mmdit_random_model(path=None)->DiffusionModel:
     transformer config the checkpoint stores) and initialisation (`tied_qk` and the seed of its record) without the
     training, i.e. the very weights its training started from."""
     path = Path(path) if path is not None else _asset("shapes-mmdit.safetensors")
-    meta = _metadata(path)
-    if (config := _stored_mmdit_config(meta)) is None:
+    if (config := _stored_mmdit_config(_metadata(path))) is None:
         raise ValueError(f"{path} is not a shapes MM-DiT checkpoint: pass a file written by `md-probe train-shapes --arch mmdit`.")
-    rec = json.loads(meta.get("record", "{}"))
+    rec = read_record(path)
     return build_shapes_mmdit(seed=rec.get("seed", 0), config=config, tied_qk=rec.get("tied_qk", False))
 
 # %% ../nbs/02_shapes.ipynb #1d6eb6b8

@@ -261,3 +261,14 @@ def test_shapes_report_of_a_file_uses_its_own_start_as_control(tmp_path, monkeyp
     assert _mmdit_config(control.denoiser)["dual_attention_layers"] == (0, 1, 2, 3) != SHAPES_MMDIT["dual_attention_layers"]
     a = control.denoiser.transformer_blocks[3].attn2
     assert torch.equal(a.to_k.weight, a.to_q.weight)
+
+def test_the_control_is_the_weights_training_starts_from(tmp_path, monkeypatch):
+    "A run whose optimiser never steps writes its start: the control of that file is it, weight for weight."
+    from md_probe.shapes import shapes_mmdit_random_model
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: None)
+    p = train_shapes(tmp_path / "k", steps=1, batch_size=2, warmup=1, seed=3, progress=False, arch="mmdit", tied_qk=True,
+                     dual_attention="all")
+    start, control = load_shapes(p), shapes_mmdit_random_model(p)
+    for part in ("denoiser", "text_encoder"):
+        a, b = getattr(start, part).state_dict(), getattr(control, part).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
